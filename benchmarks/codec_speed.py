@@ -1,0 +1,86 @@
+"""Single-thread CPU speed of every codec file's `paper` preset (random weights: speed does not depend on them).
+
+    python benchmarks/codec_speed.py [--seconds 10] [--repeats 5] [--only soundstream]
+
+Prints, per codec, the seconds spent per second of audio to encode (waveform -> codes) and to decode
+(codes -> waveform), median over `--repeats` runs after one warm-up, on one CPU thread (2-thread timings on
+small machines swing by large factors). For codecs with a streaming path (SoundStream) it also prints the cost
+of one frame encoded and decoded with carried state, and the real-time factor that gives (frame duration /
+time per frame; above 1 is faster than real time). Numbers depend on the machine: compare rows of one run.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def soundstream_model():
+    import soundstream
+    return soundstream.SoundStream(soundstream.PRESETS["paper"])
+
+
+# One entry per codec file: a function building its paper-preset model with the shared codec interface
+# (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal).
+CODECS = {"soundstream": soundstream_model}
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up (allocations, oneDNN kernel selection)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def bench(name, build, seconds, repeats):
+    torch.manual_seed(0)
+    model = build().eval()
+    wav = 0.1 * torch.randn(1, model.channels, int(seconds * model.sample_rate))  # (1, C, T)
+    codes = model.encode(wav)
+    enc = median_time(lambda: model.encode(wav), repeats) / seconds
+    dec = median_time(lambda: model.decode(codes), repeats) / seconds
+    row = {"codec": name, "sr": model.sample_rate, "params": sum(p.numel() for p in model.parameters()),
+           "codes": f"{codes.shape[1]}x{model.codebook_size}", "enc": enc, "dec": dec, "frame_ms": None}
+    if hasattr(model, "streaming"):
+        M = model.hop_length
+        frames = wav[..., : (wav.shape[-1] // M) * M].split(M, dim=-1)[:int(model.frame_rate)]  # 1 s, frame by frame
+
+        def stream():
+            with model.streaming():
+                for f in frames:
+                    model.decode(model.encode(f))
+
+        row["frame_ms"] = 1000 * median_time(stream, repeats) / len(frames)
+        row["frame_duration_ms"] = 1000 * M / model.sample_rate
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the test signal")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", nargs="*", choices=sorted(CODECS), help="benchmark only these codecs")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, {args.seconds:g} s of audio, median of {args.repeats} runs")
+    print(f"{'codec':<12} {'rate':>6} {'params':>8} {'codes':>8} {'enc s/s':>8} {'dec s/s':>8} "
+          f"{'stream ms/frame':>16} {'stream RTF':>10}")
+    for name in args.only or CODECS:
+        r = bench(name, CODECS[name], args.seconds, args.repeats)
+        stream = (f"{r['frame_ms']:>10.2f} of {r['frame_duration_ms']:.1f} {r['frame_duration_ms'] / r['frame_ms']:>9.1f}x"
+                  if r["frame_ms"] else f"{'-':>16} {'-':>10}")
+        print(f"{name:<12} {r['sr']:>6} {r['params'] / 1e6:>7.2f}M {r['codes']:>8} {r['enc']:>8.4f} {r['dec']:>8.4f} "
+              f"{stream}")
+
+
+if __name__ == "__main__":
+    main()
