@@ -136,7 +136,7 @@ PRESETS = {
     # per code, above the dead-code threshold of 2 (with K = 1024 almost every code would be "dead" every step).
     "tiny": Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32, num_quantizers=8,
                    codebook_size=32, wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
-                   stft_window=512, stft_hop=128, steps=1200, batch_size=8, segment_seconds=0.4, lr=1e-3,
+                   stft_window=512, stft_hop=128, steps=1100, batch_size=8, segment_seconds=0.4, lr=1e-3,
                    log_every=100, sample_every=400, ckpt_every=400, eval_utterances=16, num_workers=0),
 }
 
@@ -280,8 +280,8 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.size, self.decay, self.threshold, self.kmeans_iters = size, decay, threshold, kmeans_iters
         self.eps = 1e-5  # Laplace smoothing of the counts, as the VQ-VAE-2 reference EMA code (Sonnet) does
-        # random until the first training batch replaces them by k-means centroids (so an untrained model still
-        # produces varied codes)
+        # random until k-means on the first training batch replaces them (§III-C); an untrained model's latents
+        # are far from these entries, so its codes carry almost nothing
         self.register_buffer("codebook", torch.randn(size, dim))       # (K, D)
         self.register_buffer("cluster_size", torch.zeros(size))        # (K,) EMA of assignment counts
         self.register_buffer("embed_sum", torch.zeros(size, dim))      # (K, D) EMA of assigned vector sums
@@ -521,7 +521,9 @@ class SoundStream(nn.Module):
     def streaming(self):
         """Inside this block, encode/decode calls continue one stream: every causal conv keeps its left context
         between calls (§III-A: "no padding is used in streaming inference"). Chunks must be multiples of M
-        samples (encode) or whole frames (decode); outputs equal the offline call on the concatenated input."""
+        samples (encode) or whole frames (decode); outputs equal the offline call on the concatenated input.
+        Every call of the model's convolutions inside the block (model.encoder(x) too) continues that stream:
+        run offline calls outside it."""
         convs = [m for m in self.modules() if isinstance(m, (CausalConv1d, CausalConvTranspose1d))]
         for m in convs:
             m.streaming, m.state = True, None
