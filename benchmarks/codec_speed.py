@@ -4,9 +4,10 @@
 
 Prints, per codec, the seconds spent per second of audio to encode (waveform -> codes) and to decode
 (codes -> waveform), median over `--repeats` runs after one warm-up, on one CPU thread (2-thread timings on
-small machines swing by large factors). For codecs with a streaming path (SoundStream) it also prints the cost
-of one frame encoded and decoded with carried state, and the real-time factor that gives (frame duration /
-time per frame; above 1 is faster than real time). Numbers depend on the machine: compare rows of one run.
+small machines swing by large factors). For codecs with a streaming path (SoundStream) it also prints what one
+frame costs to encode and to decode with carried state, fed one frame at a time (the lowest latency) and ten
+frames at a time, and the real-time factor of encode + decode one frame at a time (frame duration / time per
+frame; above 1 is faster than real time). Numbers depend on the machine: compare rows of one run.
 """
 
 import argparse
@@ -51,15 +52,25 @@ def bench(name, build, seconds, repeats):
     row = {"codec": name, "sr": model.sample_rate, "params": sum(p.numel() for p in model.parameters()),
            "codes": f"{codes.shape[1]}x{model.codebook_size}", "enc": enc, "dec": dec, "frame_ms": None}
     if hasattr(model, "streaming"):
-        M = model.hop_length
-        frames = wav[..., : (wav.shape[-1] // M) * M].split(M, dim=-1)[:int(model.frame_rate)]  # 1 s, frame by frame
+        M, n = model.hop_length, int(model.frame_rate)  # 1 s of audio, n frames
+        x = wav[..., :n * M]
+        for chunk in (1, 10):  # frames per call
+            pieces = x.split(chunk * M, dim=-1)
+            code_pieces = codes[..., :n].split(chunk, dim=-1)
 
-        def stream():
-            with model.streaming():
-                for f in frames:
-                    model.decode(model.encode(f))
+            def stream_encode():
+                with model.streaming():
+                    for p in pieces:
+                        model.encode(p)
 
-        row["frame_ms"] = 1000 * median_time(stream, repeats) / len(frames)
+            def stream_decode():
+                with model.streaming():
+                    for c in code_pieces:
+                        model.decode(c)
+
+            row[f"enc_ms_{chunk}"] = 1000 * median_time(stream_encode, repeats) / n
+            row[f"dec_ms_{chunk}"] = 1000 * median_time(stream_decode, repeats) / n
+        row["frame_ms"] = row["enc_ms_1"] + row["dec_ms_1"]
         row["frame_duration_ms"] = 1000 * M / model.sample_rate
     return row
 
@@ -72,14 +83,15 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, {args.seconds:g} s of audio, median of {args.repeats} runs")
-    print(f"{'codec':<12} {'rate':>6} {'params':>8} {'codes':>8} {'enc s/s':>8} {'dec s/s':>8} "
-          f"{'stream ms/frame':>16} {'stream RTF':>10}")
+    print(f"{'codec':<12} {'rate':>6} {'params':>8} {'codes':>8} {'enc s/s':>8} {'dec s/s':>8}   "
+          f"streaming, ms per frame: {'enc x1':>6} {'dec x1':>6} {'enc x10':>7} {'dec x10':>7}  RTF x1")
     for name in args.only or CODECS:
         r = bench(name, CODECS[name], args.seconds, args.repeats)
-        stream = (f"{r['frame_ms']:>10.2f} of {r['frame_duration_ms']:.1f} {r['frame_duration_ms'] / r['frame_ms']:>9.1f}x"
-                  if r["frame_ms"] else f"{'-':>16} {'-':>10}")
-        print(f"{name:<12} {r['sr']:>6} {r['params'] / 1e6:>7.2f}M {r['codes']:>8} {r['enc']:>8.4f} {r['dec']:>8.4f} "
-              f"{stream}")
+        stream = (f"{r['enc_ms_1']:>6.2f} {r['dec_ms_1']:>6.2f} {r['enc_ms_10']:>7.2f} {r['dec_ms_10']:>7.2f}  "
+                  f"{r['frame_duration_ms'] / r['frame_ms']:.2f} (frame = {r['frame_duration_ms']:.1f} ms)"
+                  if r["frame_ms"] else "not streamable")
+        print(f"{name:<12} {r['sr']:>6} {r['params'] / 1e6:>7.2f}M {r['codes']:>8} {r['enc']:>8.4f} {r['dec']:>8.4f}   "
+              f"{'':>24} {stream}")
 
 
 if __name__ == "__main__":
