@@ -15,26 +15,39 @@ Paper -> code
   §III-F Eq. 7 (FiLM), §IV-A noise .. FiLM, mix_noise
   streaming (§I, §III-A, §V-D) ...... SoundStream.streaming()
 
-Shapes: B batch, C audio channels (1), T samples, F frames (T / M), M hop = prod(strides), D latent dim,
-Q codebooks in use, K codebook size (the paper's N), N_q all codebooks, N rows of a flattened (B*F, D) matrix.
+Shapes: B batch, T samples (audio is mono: (B, 1, T)), F frames (T / M), M hop = prod(strides), D latent dim,
+Q codebooks in use, N_q all codebooks, K codebook size (the paper's N). C is the paper's channel width (C_enc,
+C_dec), and Fig. 3/4 write N for a block's channel count; in the quantizer, N counts the rows of the flattened
+(B*F, D) frames. `F` in code is torch.nn.functional.
 
 DEVIATIONS from the paper (each is also tagged `# DEVIATION` where it happens)
-  1. Eq. 4 sums the spectral distances over frames; we average over frames, so that the reconstruction loss does
-     not grow with the crop length while the adversarial and feature losses (Eqs. 2-3) are time averages.
-  2. Eq. 1-2 write 1/K with k = 0..K (K+1 = 4 discriminators); we average over the four, as the text says
-     ("averaged over multiple discriminators") - a constant factor of 3/4.
-  3. The sqrt in the L2 term of Eq. 4 gets an epsilon of 1e-12: a silent frame gives a zero difference and
+  1. Eqs. 4-5 sum the spectral distances over frames; we average over frames, so that the reconstruction loss
+     does not grow with the crop length while the adversarial and feature losses (Eqs. 2-3) are time averages.
+     This also reweights the scales (the sum gives each scale a weight proportional to its number of frames,
+     32 times more for s = 64 than for s = 2048) and makes the term smaller against lambda_feat * L_feat by the
+     number of frames; with the paper's (unknown) crop length its balance cannot be reproduced anyway.
+  2. Eqs. 1-3 write 1/K (and 1/(KL)) with k = 0..K: K + 1 = 4 discriminators, whose layer counts L differ (7 for
+     the STFT discriminator, 6 for the wave ones). We average over the four, as the text says ("averaged over
+     multiple discriminators"), and over each one's own layers in Eq. 3 - a constant factor of 3/4 in Eqs. 1-2.
+  3. The sqrt in the L2 term (Eq. 5) gets an epsilon of 1e-12: a silent frame gives a zero difference and
      sqrt'(0) is infinite.
+  4. A VQ-VAE commitment loss (weight 0.25, VQ-VAE [31]) trains the encoder towards its codes; Eq. 6 has none.
+     The codebooks themselves are learnt by EMA, as the paper says, but nothing else in Eq. 6 keeps the encoder's
+     output close to them.
+  5. Quantizer dropout masks which quantizers each example decodes with (and its commitment loss); every
+     quantizer still runs, and updates its codebook, on every frame. The paper: "only use quantizers Q_i for
+     i = 1..n_q". Otherwise the deepest codebook would see 1/N_q of the frames and the dead-code rule would
+     replace most of its entries at every step (ResidualVectorQuantizer says more).
 
-Where the paper is silent we say "our choice" next to the number. The biggest ones: D = 128; every quantizer
-runs on every frame and quantizer dropout masks what the decoder receives (the reading of §III-C that keeps the
-codebook statistics of deep quantizers meaningful); the optimizer (Adam 3e-4, betas 0.5/0.9, as EnCodec);
-activations and weight norm in the discriminators; the tiny preset. The paper's optimizer, batch, crop length
-and number of steps are not given (§IV describes data and evaluation only).
+Where the paper is silent we say "our choice" next to the number. The biggest ones: D = 128; the optimizer
+(Adam 3e-4, betas 0.5/0.9, as EnCodec); where the ELUs sit; activations and weight norm in the discriminators;
+the noise mixing details; the tiny preset. The paper's optimizer, batch, crop length and number of steps are not
+given (§IV describes data and evaluation only).
 
 Parameter count: Table I gives 8.4 M for C_enc = C_dec = 32. The layers §III-A/B and Fig. 3 describe have
 9,183,233 weights before the two D-dependent convolutions (+5,121 per latent dimension: 9.84 M at D = 128), so
-no choice of D reproduces 8.4 M; the paper must count differently or simplify Fig. 3. We follow the text.
+no choice of D reproduces 8.4 M; with C = 16 the same count is 2,297,857 + 2,561 D (2.63 M at D = 128, Table I:
+2.4 M). The paper must count differently or simplify Fig. 3. We follow the text.
 
 Commands
   python soundstream.py --train --preset tiny                          # demo corpus, CPU, ~10 min
@@ -91,11 +104,12 @@ class Config:
                                           # statistic for dead codes also decays at 0.99 (§III-C)
     dead_code_threshold: float = 2.0      # replace codes whose EMA assignment count falls below 2 (§III-C)
     kmeans_iters: int = 10                # k-means on the first batch (§III-C); iterations: our choice
-    commitment_weight: float = 0.25       # not in Eq. 6; the VQ-VAE [31] commitment term with its beta = 0.25
+    commitment_weight: float = 0.25       # DEVIATION 4: not in Eq. 6; the VQ-VAE [31] commitment term, beta 0.25
     # joint compression and enhancement (§III-F)
     film: str = "none"                    # "encoder" or "decoder": FiLM at that side of the bottleneck (§V-E)
-    noise_dir: str = ""                   # noise to mix in (§IV-A used Freesound); "" = synthetic coloured noise
-    noisy_fraction: float = 0.5           # our choice: share of training examples that get noise when film != none
+    noise_dir: str = ""                   # folder of noise to mix in (§IV-A used Freesound); "" = synthetic coloured
+                                          # noise with FiLM, no noise without it
+    noisy_fraction: float = 0.5           # our choice: share of training examples that get noise
     # discriminators (§III-D)
     wave_disc_channels: int = 16          # first conv of the MelGAN discriminator [15], which §III-D reuses
     wave_disc_max_channels: int = 1024    # "channel multiplier of 4 up to a maximum of 1024" (§III-D)
@@ -113,9 +127,9 @@ class Config:
     out: str = "runs/soundstream"         # checkpoints, log, samples
     steps: int = 1_000_000                # our choice
     batch_size: int = 32                  # global batch (split over DDP ranks); our choice
-    segment_seconds: float = 3.0          # training crops of 3 s, the crop length of §IV-A
+    segment_seconds: float = 3.0          # training crops of 3 s: the crop §IV-A uses to mix noise into speech
     lr: float = 3e-4                      # Adam, lr 3e-4, betas (0.5, 0.9): our choice, EnCodec's training recipe
-    betas: tuple[float, ...] = (0.5, 0.9)
+    betas: tuple[float, ...] = (0.5, 0.9)  # (see lr)
     log_every: int = 100
     sample_every: int = 5000              # write a reconstruction wav + spectrogram PNG
     ckpt_every: int = 5000
@@ -168,7 +182,8 @@ class CausalConv1d(nn.Conv1d):
 
 
 class CausalConvTranspose1d(nn.ConvTranspose1d):
-    """Transposed conv whose output at time t only depends on inputs up to t (§III-B, causal decoder).
+    """Transposed conv whose output at time t only depends on inputs up to t ("both the encoder and the decoder
+    only use causal convolutions", §I).
 
     With kernel k = 2s and stride s, L input frames give L*s + (k - s) samples; the last k - s are incomplete
     (they still await the next frame's contribution), so they are dropped offline and carried to the next chunk
@@ -204,7 +219,7 @@ class ResidualUnit(nn.Module):
 
 class EncoderBlock(nn.Sequential):
     """Fig. 3 EncBlock(N, S): residual units at N/2 channels with dilations 1, 3, 9 (§III-A), then a strided conv
-    with kernel 2S that doubles the channels to N."""
+    with kernel 2S that doubles the channels to N. The ELU before the strided conv is our choice."""
 
     def __init__(self, out_ch, stride):
         super().__init__(ResidualUnit(out_ch // 2, 1), ResidualUnit(out_ch // 2, 3), ResidualUnit(out_ch // 2, 9),
@@ -213,7 +228,7 @@ class EncoderBlock(nn.Sequential):
 
 class DecoderBlock(nn.Sequential):
     """Fig. 3 DecBlock(N, S): a transposed conv (kernel 2S, stride S) that halves the channels to N, then the same
-    three residual units (§III-B)."""
+    three residual units (§III-B). The ELU before the transposed conv is our choice."""
 
     def __init__(self, out_ch, stride):
         super().__init__(nn.ELU(), CausalConvTranspose1d(2 * out_ch, out_ch, 2 * stride, stride),
@@ -221,7 +236,8 @@ class DecoderBlock(nn.Sequential):
 
 
 class Encoder(nn.Sequential):
-    """§III-A: conv k=7 to C, B_enc blocks doubling the channels, conv k=3 to D. No normalization."""
+    """§III-A, Fig. 3: conv k=7 to C, B_enc blocks doubling the channels, (ELU, our choice) conv k=3 to D.
+    "We do not apply any normalization" (§III-A)."""
 
     def __init__(self, cfg):
         C = cfg.enc_channels
@@ -231,8 +247,8 @@ class Encoder(nn.Sequential):
 
 
 class Decoder(nn.Sequential):
-    """§III-B: conv k=7 to 16C, blocks with the strides reversed halving the channels, conv k=7 to one channel.
-    There is no output nonlinearity in the paper, and none here."""
+    """§III-B, Fig. 3: conv k=7 to 16C, blocks with the strides reversed halving the channels, (ELU, our choice)
+    conv k=7 to one channel. There is no output nonlinearity in the paper, and none here."""
 
     def __init__(self, cfg):
         C, n = cfg.dec_channels, len(cfg.strides)
@@ -247,7 +263,7 @@ class FiLM(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.linear = nn.Linear(2, 2 * channels)
-        # our choice: start as the identity (gamma = 1, beta = 0), so FiLM does nothing until it has learnt to
+        # our choice: start as the identity (gamma = 1, beta = 0), so FiLM does nothing until it is trained
         nn.init.zeros_(self.linear.weight)
         nn.init.constant_(self.linear.bias[:channels], 1.0)
         nn.init.zeros_(self.linear.bias[channels:])
@@ -274,7 +290,7 @@ class VectorQuantizer(nn.Module):
     - k-means on the first training batch instead of a random initialization;
     - an entry whose EMA assignment count falls below 2 is replaced by a random input vector of the batch.
     Under DDP the counts and sums are all-reduced and every random choice is made on rank 0 and broadcast, so
-    the codebooks stay identical on every rank (DESIGN.md)."""
+    the codebooks stay identical on every rank."""
 
     def __init__(self, dim, size, decay, threshold, kmeans_iters):
         super().__init__()
@@ -296,7 +312,11 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.codebook)
 
     @torch.no_grad()
-    def kmeans_init(self, z):  # z (N, D): all frames of the first batch
+    def kmeans_init(self, z):  # z (N, D): this process's frames of the first batch
+        if _is_distributed():  # "the first training batch" is the union of every rank's share (equal shares)
+            parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, z)
+            z = torch.cat(parts)  # (world * N, D)
         if not _is_distributed() or dist.get_rank() == 0:
             # start from random frames of the batch (drawn with replacement, in case N < K)
             self.codebook.copy_(z[torch.randint(len(z), (self.size,), device=z.device)])  # (K, D)
@@ -306,18 +326,18 @@ class VectorQuantizer(nn.Module):
                 sums = torch.zeros_like(self.codebook).index_add_(0, codes, z)  # (K, D)
                 self.codebook.copy_(torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None],
                                                 self.codebook))  # an empty cluster keeps its centroid
-            # the EMA statistics start from the final clustering
+            # the EMA statistics start from the final clustering, counted over the whole batch like the updates
             self.cluster_size.copy_(torch.bincount(self.nearest(z), minlength=self.size).to(z.dtype))
             self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
-        if _is_distributed():  # rank 0's centroids everywhere
+        if _is_distributed():  # rank 0's result everywhere
             for b in (self.codebook, self.cluster_size, self.embed_sum):
                 dist.broadcast(b, src=0)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def ema_update(self, z, codes):  # z (N, D), codes (N,)
-        onehot = F.one_hot(codes, self.size).to(z.dtype)  # (N, K)
-        counts, sums = onehot.sum(0), onehot.t() @ z  # (K,), (K, D)
+        counts = torch.bincount(codes, minlength=self.size).to(z.dtype)  # (K,) frames assigned to each entry
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, z)  # (K, D) and their sum
         if _is_distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -333,8 +353,8 @@ class VectorQuantizer(nn.Module):
             if _is_distributed():
                 dist.broadcast(new, src=0)
             self.codebook[dead] = new[dead]
-            # restart the statistics consistently: the entry counts as `threshold` assignments of itself, so it is
-            # replaced again at the next step unless some input actually chooses it
+            # restart the statistics consistently: the entry counts as `threshold` assignments of itself; it is
+            # replaced again at the next step unless at least `threshold` inputs choose it (0.99 * 2 + 0.01 n >= 2)
             self.cluster_size[dead] = self.threshold
             self.embed_sum[dead] = new[dead] * self.threshold
 
@@ -351,11 +371,12 @@ class VectorQuantizer(nn.Module):
 class ResidualVectorQuantizer(nn.Module):
     """Algorithm 1: y_hat = sum_i Q_i(residual_i), residual_{i+1} = residual_i - Q_i(residual_i).
 
-    Quantizer dropout (§III-C): during training each example uses its own n_q ~ U{1..N_q}. Every quantizer still
-    runs on every frame (our reading of "only use quantizers Q_i for i = 1..n_q": it concerns what is decoded).
-    The residual seen by Q_i does not depend on later quantizers, so this changes nothing for the decoder, while
-    each codebook keeps receiving all frames: with per-example dropout, Q_24 would otherwise see 1/24 of them and
-    the "count below 2" rule would discard most of its entries at every step."""
+    Quantizer dropout (§III-C): during training each example uses its own n_q ~ U{1..N_q}: its decoder input and
+    its commitment loss use Q_1..Q_{n_q} only. DEVIATION 5: every quantizer still runs, and updates its codebook,
+    on every frame (the paper: "only use quantizers Q_i for i = 1..n_q"). The residual seen by Q_i does not
+    depend on later quantizers, so the decoder receives the same z_q either way, while each codebook keeps
+    receiving all frames: with per-example dropout, Q_24 would see 1/24 of them and the "count below 2" rule
+    would discard most of its entries at every step."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -380,11 +401,11 @@ class ResidualVectorQuantizer(nn.Module):
             codes, commit = [], []
             for i, vq in enumerate(self.layers[:run]):
                 active = (n_q_b > i).float().repeat_interleave(Fr)[:, None]  # (N, 1): 1 where Q_i is used
-                code, q = vq(residual)  # (N,), (N, D)
+                code, q = vq(residual)  # (N,), (N, D)  DEVIATION 5: on every frame
                 z_q = z_q + active * q
-                if self.training:  # VQ-VAE commitment loss ||r_i - sg(Q_i(r_i))||^2 over the frames that use Q_i
-                    # (zero when dropout gave no example of the batch this quantizer)
-                    commit.append(((residual - q).pow(2) * active).sum() / (active.sum() * D).clamp(min=1))
+                if self.training and active.any():  # DEVIATION 4: the VQ-VAE commitment loss
+                    # ||r_i - sg(Q_i(r_i))||^2, averaged over the frames whose example uses Q_i
+                    commit.append(((residual - q).pow(2) * active).sum() / (active.sum() * D))
                 # Detaching q (not the residual) keeps the gradient path to the encoder for every r_i, so each
                 # quantizer's commitment loss reaches the encoder (cf. EnCodec issue #25, where it does not).
                 residual = residual - q.detach()
@@ -392,7 +413,7 @@ class ResidualVectorQuantizer(nn.Module):
             z_q = z_q.view(B, Fr, D).transpose(1, 2)  # (B, D, F)
         z_q = z + (z_q - z).detach()  # straight-through estimator: the decoder's gradient goes to the encoder
         codes = torch.stack(codes, dim=1)  # (B, Q, F)
-        commit = torch.stack(commit).mean() if commit else z.new_zeros(())
+        commit = torch.stack(commit).mean() if commit else z.new_zeros(())  # mean over the quantizers in use
         return z_q, codes, commit
 
     def decode(self, codes):  # codes (B, Q, F) -> z_q (B, D, F)
@@ -431,7 +452,7 @@ class SoundStream(nn.Module):
     codebook_size = property(lambda self: self.cfg.codebook_size)
 
     def bitrate(self, n_q=None):
-        """Bits per second with n_q quantizers: frame_rate * n_q * log2(N) (§III-C: 75 * 8 * 10 = 6 kbps)."""
+        """Bits per second with n_q quantizers: frame_rate * n_q * log2(K) (§III-C: 75 * 8 * 10 = 6 kbps)."""
         return self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size)
 
     def n_q_for_bitrate(self, kbps):
@@ -505,7 +526,7 @@ class SoundStream(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes, denoise=False):
-        """codes (B, Q, F) with 1 <= Q <= N_q and ids in [0, N) -> wav (B, 1, F * M)."""
+        """codes (B, Q, F) with 1 <= Q <= N_q and ids in [0, K) -> wav (B, 1, F * M)."""
         if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.dim() != 3:
             raise ValueError(f"codes must be an integer tensor (batch, codebooks, frames), got "
                              f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}")
@@ -625,8 +646,9 @@ class ResidualUnit2d(nn.Module):
 class STFTDiscriminator(nn.Module):
     """§III-D, Fig. 4: complex STFT (W = 1024, H = 256) as real and imaginary channels, a 7x7 conv to 32
     channels, six residual blocks alternating strides (1, 2) and (2, 2), and a 1 x F/2^6 conv that aggregates
-    the frequency axis into one logit per (down-sampled) frame. F = W/2 bins: we drop the Nyquist bin.
-    Activations (LeakyReLU 0.2, as the wave discriminator) and weight norm are our choices."""
+    the frequency axis into one logit per (down-sampled) frame. The paper's F = W/2 bins: we drop the Nyquist
+    bin. Activations (LeakyReLU 0.2, as the wave discriminator), weight norm, the Hann window and centred frames
+    (torch.stft's default padding) are our choices."""
 
     def __init__(self, channels=32, window=1024, hop=256):
         super().__init__()
@@ -644,7 +666,8 @@ class STFTDiscriminator(nn.Module):
         self.conv_out = weight_norm(nn.Conv2d(in_ch, 1, (1, window // 2 // 2 ** 6)))  # 1 x F/2^6
 
     def forward(self, x):  # (B, 1, T) -> logits (B, T/(H*8)), features [(B, C_l, t_l, f_l)]
-        spec = torch.stft(x.squeeze(1).float(), self.window, self.hop, window=self.hann, return_complex=True)
+        spec = torch.stft(x.squeeze(1).float(), self.window, self.hop, window=self.hann,
+                          return_complex=True)  # (B, W/2 + 1, frames)
         spec = torch.view_as_real(spec[:, :-1]).permute(0, 3, 2, 1)  # (B, 2, frames, W/2): real|imag, time, freq
         # .contiguous(): the permuted view has channels-last strides, and torch 2.13's CPU conv2d backward in that
         # memory format corrupts the heap on these blocks (found here: "free(): invalid next size")
@@ -673,7 +696,7 @@ class Discriminators(nn.Module):
         for i, d in enumerate(self.waves):
             outputs.append(d(x))
             if i < len(self.waves) - 1:
-                x = self.pool(x)
+                x = self.pool(x)  # (B, 1, T / 2), then T / 4
         return outputs
 
 
@@ -682,39 +705,44 @@ class Discriminators(nn.Module):
 
 
 def discriminator_loss(real, fake):
-    """Eq. 1: hinge loss, averaged over time and over the discriminators (DEVIATION 2: over all four)."""
-    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for (r, _), (f, _) in zip(real, fake)) / len(real)
+    """Eq. 1: hinge loss, averaged over time and over the discriminators."""
+    per_disc = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for (r, _), (f, _) in zip(real, fake)]
+    return sum(per_disc) / len(per_disc)  # DEVIATION 2: divided by the 4 discriminators, not by K = 3
 
 
 def adversarial_loss(fake):
     """Eq. 2: the generator's hinge loss max(0, 1 - D(G(x))), averaged over time and discriminators."""
-    return sum(F.relu(1 - f).mean() for f, _ in fake) / len(fake)
+    return sum(F.relu(1 - f).mean() for f, _ in fake) / len(fake)  # DEVIATION 2, as in Eq. 1
 
 
 def feature_loss(real, fake):
-    """Eq. 3: mean absolute difference of every internal layer's output for x and G(x), averaged over the L
-    layers of each discriminator and over the discriminators."""
-    per_disc = [sum((fr.detach() - ff).abs().mean() for fr, ff in zip(r, f)) / len(r)
+    """Eq. 3: mean absolute difference of every internal layer's output for x and G(x) (all layers but the
+    logits), averaged over the layers of each discriminator and over the discriminators."""
+    per_disc = [sum((fr.detach() - ff).abs().mean() for fr, ff in zip(r, f)) / len(r)  # 1/L_k: 7 or 6 layers
                 for (_, r), (_, f) in zip(real, fake)]
-    return sum(per_disc) / len(per_disc)
+    return sum(per_disc) / len(per_disc)  # DEVIATION 2: 1/(K L) read as a mean over layers, then discriminators
 
 
 def reconstruction_loss(x, x_hat, cfg):
-    """Eq. 4: sum over scales s of ||S^s(x) - S^s(x_hat)||_1 + alpha_s ||log S^s(x) - log S^s(x_hat)||_2, with S^s
-    a 64-bin mel spectrogram (window s, hop s/4) and alpha_s = sqrt(s/2) (Gritsenko et al. [48]). The norms are
-    taken over the mel bins of each frame (DEVIATION 1: frames are averaged, not summed). Mel scale and window are
-    our choices (HTK mel scale without area normalization, Hann window, magnitude spectrogram); the log uses
-    a floor of 1e-5 (our choice)."""
-    loss = 0.0
-    x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
-    for s in cfg.mel_scales:
-        fb = mel_filterbank(cfg.sample_rate, s, cfg.mel_bins, htk=True, norm=None).to(x.device)  # (64, s/2+1)
-        window = torch.hann_window(s, device=x.device)
-        S_x, S_y = (fb @ torch.stft(v, s, s // 4, window=window, return_complex=True).abs() for v in (x, x_hat))
-        l1 = (S_x - S_y).abs().sum(dim=1)  # (B, frames): ||.||_1 over the mel bins
-        log_diff = S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()  # (B, 64, frames)
-        l2 = (log_diff.pow(2).sum(dim=1) + 1e-12).sqrt()  # (B, frames) DEVIATION 3: epsilon inside the sqrt
-        loss = loss + (l1 + math.sqrt(s / 2) * l2).mean()
+    """Eqs. 4-5: sum over scales s of ||S^s(x) - S^s(x_hat)||_1 + alpha_s ||log S^s(x) - log S^s(x_hat)||_2, with
+    S^s a 64-bin mel spectrogram (window s, hop s/4) and alpha_s = sqrt(s/2) (Gritsenko et al. [48]). The norms
+    are taken over the mel bins of each frame (DEVIATION 1: frames are averaged, not summed). Mel scale and
+    window are our choices (HTK mel scale without area normalization, Hann window, magnitude spectrogram); the
+    log uses a floor of 1e-5 (our choice). Always float32, also under AMP: half precision cannot hold 1e-5."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
+        loss = 0.0
+        for s in cfg.mel_scales:
+            # 64 triangles over s/2 + 1 STFT bins: at s = 64 (33 bins) many mel bands are empty, as the paper's
+            # spec implies; they are 0 for both signals and add nothing
+            fb = mel_filterbank(cfg.sample_rate, s, cfg.mel_bins, htk=True, norm=None).to(x.device)  # (64, s/2+1)
+            window = torch.hann_window(s, device=x.device)
+            S_x, S_y = (fb @ torch.stft(v, s, s // 4, window=window, return_complex=True).abs()
+                        for v in (x, x_hat))  # (B, 64, frames) each
+            l1 = (S_x - S_y).abs().sum(dim=1)  # (B, frames): Eq. 4, ||.||_1 over the mel bins
+            log_diff = S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()  # (B, 64, frames)
+            l2 = (log_diff.pow(2).sum(dim=1) + 1e-12).sqrt()  # (B, frames): Eq. 5; DEVIATION 3: epsilon in the sqrt
+            loss = loss + (l1 + math.sqrt(s / 2) * l2).mean()  # DEVIATION 1: mean over frames (and the batch)
     return loss
 
 
@@ -731,26 +759,29 @@ def coloured_noise(shape, generator):
     """Our stand-in for Freesound noise when no --noise_dir is given: Gaussian noise with a random spectral slope
     between -6 dB/octave (brown) and +3 dB/octave (blue), drawn per example."""
     n = torch.randn(shape, generator=generator)  # (B, 1, T)
-    spec = torch.fft.rfft(n)
-    f = torch.arange(1, spec.shape[-1] + 1, dtype=torch.float32)
+    spec = torch.fft.rfft(n)  # (B, 1, T/2 + 1)
+    f = torch.arange(spec.shape[-1], dtype=torch.float32).clamp(min=1)  # bin index, a proxy for frequency
     slope = torch.empty(shape[0], 1, 1).uniform_(-6, 3, generator=generator)  # dB per octave
-    spec = spec * (f.log2() * slope / 20 * math.log(10)).exp()  # amplitude = 10^(slope*log2(f)/20)
-    return torch.fft.irfft(spec, n=shape[-1])
+    spec = spec * (f.log2() * slope / 20 * math.log(10)).exp()  # amplitude = 10^(slope * log2(f) / 20)
+    spec[..., 0] = 0  # no DC offset
+    return torch.fft.irfft(spec, n=shape[-1])  # (B, 1, T)
 
 
 def mix_noise(clean, noise, cfg, generator):
     """Build (inputs, targets, denoise) tuples (§III-F) from a batch of clean crops:
     a share of the examples (cfg.noisy_fraction, our choice) gets noise at a gain uniform in [-30 dB, 0 dB]
     relative to the peak-normalized speech (§IV-A); denoise is on for half of the examples (our choice);
-    targets are the clean speech when denoise is on and the input otherwise."""
+    targets are the clean speech when denoise is on and the input otherwise (§III-F). Clean (B, 1, T) and
+    noise (B, 1, T) in; inputs, targets (B, 1, T) and denoise (B,) bool out."""
     B = clean.shape[0]
     clean = peak_normalize(clean)
     gain = 10 ** (torch.empty(B, 1, 1).uniform_(-30, 0, generator=generator) / 20)  # §IV-A
     noisy = (torch.rand(B, 1, 1, generator=generator) < cfg.noisy_fraction).float()
     inputs = clean + noisy * gain * peak_normalize(noise)
-    denoise = torch.rand(B, generator=generator) < 0.5
+    denoise = torch.rand(B, generator=generator) < 0.5  # our choice: either mode equally often
     targets = torch.where(denoise[:, None, None], clean, inputs)
-    peak = inputs.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1.0)  # keep the mixture within [-1, 1]
+    # our choice: scale a mixture that exceeds [-1, 1] back into it (targets by the same factor)
+    peak = inputs.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1.0)  # (B, 1, 1)
     return inputs / peak, targets / peak, denoise
 
 
@@ -813,25 +844,28 @@ class Trainer:
             self.G = torch.compile(self.G)
         torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own quantizer dropout
         self.step_count = 0
-        self.noise_files = resolve_files(cfg.noise_dir) if cfg.film != "none" and cfg.noise_dir else None
+        self.noise_files = resolve_files(cfg.noise_dir) if cfg.noise_dir else None
 
     def autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def make_batch(self, clean):
-        """(inputs, targets, denoise) on the device; the noise draw uses a generator seeded by the step, so the
-        batch is the same after a resume."""
-        if self.cfg.film == "none":
+        """(inputs, targets, denoise) on the device. With FiLM: the tuples of §III-F. Without FiLM and with a
+        --noise_dir: noisy speech is plain training data (§IV-A), inputs = targets. The noise draw uses a generator
+        seeded by (seed, rank, step), so the batch is the same after a resume and differs between ranks."""
+        if self.cfg.film == "none" and not self.noise_files:
             clean = clean.to(self.device)
             return clean, clean, None
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
+        # 1_000_003 and 1_009 (primes, our choice) spread (seed, step, rank) over distinct generator seeds
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step_count) * 1_009 + self.rank)
         if self.noise_files:
             noise = torch.stack([random_crop(load(self.noise_files[int(torch.randint(len(self.noise_files), (),
                                  generator=g))], self.cfg.sample_rate, 1)[0], clean.shape[-1], g)
                                  for _ in range(clean.shape[0])])  # (B, 1, T)
         else:
             noise = coloured_noise(clean.shape, g)
-        return tuple(v.to(self.device) for v in mix_noise(clean, noise, self.cfg, g))
+        inputs, targets, denoise = (v.to(self.device) for v in mix_noise(clean, noise, self.cfg, g))
+        return (inputs, targets, denoise) if self.cfg.film != "none" else (inputs, inputs, None)
 
     def step(self, clean):
         """One update of D (Eq. 1) then G (Eq. 6). Returns the logged losses as floats."""
@@ -841,9 +875,9 @@ class Trainer:
             x_hat, _, q_losses = self.G(x, denoise)
         # discriminator: real and fake in one forward (one DDP forward per backward)
         with self.autocast():
-            both = self.D(torch.cat([target, x_hat.detach()]))
-            real = [(l[:len(x)], [f[:len(x)] for f in fs]) for l, fs in both]
-            fake = [(l[len(x):], [f[len(x):] for f in fs]) for l, fs in both]
+            both = self.D(torch.cat([target, x_hat.detach()]))  # 2B examples through every discriminator
+            real = [(l[:len(x)], [f[:len(x)] for f in fs]) for l, fs in both]  # the first B: x
+            fake = [(l[len(x):], [f[len(x):] for f in fs]) for l, fs in both]  # the last B: G(x)
             d_loss = discriminator_loss(real, fake)
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler.scale(d_loss).backward()
@@ -867,10 +901,16 @@ class Trainer:
         return {"g": g_loss.item(), "d": d_loss.item(), **{k: v.item() for k, v in losses.items()}}
 
     def state_dict(self):
+        """Everything a bit-exact resume needs. Collective under DDP (every rank must call it): the RNG state of
+        each rank is gathered, since each draws its own quantizer dropout."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
         return {"model": "soundstream", "config": dataclasses.asdict(self.cfg), "step": self.step_count,
                 "generator": self.model.state_dict(), "discriminators": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state()}
+                "scaler": self.scaler.state_dict(), "rng": rngs}
 
     def load_state_dict(self, ckpt):
         self.model.load_state_dict(ckpt["generator"])
@@ -879,7 +919,11 @@ class Trainer:
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step_count = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        rngs = ckpt["rng"]
+        if len(rngs) != self.world and self.rank == 0:
+            print(f"note: the checkpoint was written by {len(rngs)} process(es), this run has {self.world}: "
+                  f"training continues, but not bit-exactly")
+        set_rng_state(rngs[self.rank % len(rngs)])
 
 
 def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
@@ -891,6 +935,14 @@ def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
     if n_batches == 0:
         raise ValueError(f"{n_items} training files are fewer than one batch of {batch_size}")
     return [perm[(b * world + rank) * per_rank:(b * world + rank + 1) * per_rank] for b in range(n_batches)]
+
+
+def save_checkpoint(trainer, out):
+    """OUT/ckpt.pt (resume) and OUT/model.pt (inference), written by rank 0; every rank must call it."""
+    state = trainer.state_dict()
+    if trainer.rank == 0:
+        _atomic_save(state, Path(out) / "ckpt.pt")
+        trainer.model.save(Path(out) / "model.pt")
 
 
 def log_line(step, total, stats, dt):
@@ -928,7 +980,12 @@ def train(cfg, resume=False, interrupt_after=None):
                      title="untrained model (step 0)")
     history = []
     stop = {"now": False}
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))  # a scheduler's kill: save
+
+    def request_stop(signum, frame):  # Ctrl-C or a scheduler's SIGTERM: finish this step, save, leave
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+    old_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     per_epoch = len(batches_for_epoch(len(dataset), cfg.batch_size, 0, cfg.seed, rank, world))
     progress = None
     if master and sys.stderr.isatty():
@@ -949,8 +1006,15 @@ def train(cfg, resume=False, interrupt_after=None):
                 stats = trainer.step(clean)
                 history.append(stats)
                 step = trainer.step_count
-                if not all(math.isfinite(v) for v in stats.values()):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {stats}")
+                # every rank takes the same decisions, or some would wait forever in the next collective
+                leave = stop["now"] or step >= cfg.steps or bool(interrupt_after and len(history) >= interrupt_after)
+                flags = torch.tensor([leave, not all(math.isfinite(v) for v in stats.values())],
+                                     dtype=torch.float32, device=trainer.device)
+                if world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[1]:
+                    raise FloatingPointError(f"training diverged: non-finite loss at step {step} ({stats}); the "
+                                             f"last checkpoint is {ckpt_path}")
                 if progress:
                     progress.update(1)
                 if master and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -960,19 +1024,17 @@ def train(cfg, resume=False, interrupt_after=None):
                     (progress.write if progress else print)(line)
                 if master and step % cfg.sample_every == 0:
                     write_sample(trainer.model, valid[0], out / "samples" / f"step{step:07d}", cfg)
-                if master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                    _atomic_save(trainer.state_dict(), ckpt_path)
-                    trainer.model.save(out / "model.pt")
-                if step >= cfg.steps or stop["now"] or (interrupt_after and len(history) >= interrupt_after):
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or (flags[0] and step < cfg.steps):
+                    save_checkpoint(trainer, out)  # interrupted runs keep everything done so far
+                if flags[0]:
                     stop["now"] = True
                     break
-    except KeyboardInterrupt:
-        stop["now"] = True
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     if progress:
         progress.close()
-    if master and trainer.step_count < cfg.steps:  # interrupted: keep everything done so far
-        _atomic_save(trainer.state_dict(), ckpt_path)
-        trainer.model.save(out / "model.pt")
+    if master and trainer.step_count < cfg.steps:
         print(f"stopped at step {trainer.step_count}; saved {ckpt_path}; continue with: "
               f"python soundstream.py --train --resume --out {cfg.out}")
     elif master:
@@ -980,7 +1042,6 @@ def train(cfg, resume=False, interrupt_after=None):
         n_qs = sorted({2 ** i for i in range(int(math.log2(cfg.num_quantizers)) + 1)} | {cfg.num_quantizers})
         evaluate(trainer.model, resolve_eval_files(cfg), cfg.eval_utterances, n_qs, title=f"step {trainer.step_count}")
         print(f"saved {out / 'model.pt'} (inference) and {ckpt_path} (resume)")
-    signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.destroy_process_group()
     return history
@@ -1044,6 +1105,14 @@ def write_sample(model, file, stem, cfg):
                                                         f"{model.bitrate() / 1000:g} kbps")
 
 
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="SoundStream (Zeghidour et al. 2021): train, encode, decode, evaluate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1063,7 +1132,7 @@ def build_parser():
     for f in dataclasses.fields(Config):  # every config field is a flag, typed from its default
         kind = type(f.default)
         if kind is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL")
+            p.add_argument(f"--{f.name}", type=parse_bool, metavar="BOOL")
         elif kind is tuple:
             elem = type(f.default[0])
             p.add_argument(f"--{f.name}", type=lambda s, t=elem: tuple(t(v) for v in s.split(",")), metavar="A,B")
@@ -1099,11 +1168,11 @@ def main(argv=None):
     if not args.ckpt:
         raise ValueError("--ckpt is required (e.g. runs/soundstream/model.pt)")
     model = SoundStream.load(args.ckpt)
-    n_q = model.n_q_for_bitrate(args.bitrate) if args.bitrate else args.n_q
+    n_q = model.n_q_for_bitrate(args.bitrate) if args.bitrate is not None else args.n_q
     if args.eval:
         cfg = dataclasses.replace(model.cfg, data=args.data or "")
         files = resolve_files(args.data) if args.data and not args.data.endswith(".jsonl") else resolve_eval_files(cfg)
-        n_qs = [n_q] if n_q else sorted({2 ** i for i in range(int(math.log2(model.num_codebooks)) + 1)}
+        n_qs = [n_q] if n_q is not None else sorted({2 ** i for i in range(int(math.log2(model.num_codebooks)) + 1)}
                                         | {model.num_codebooks})
         evaluate(model, files, args.eval_utterances or len(files), n_qs, title=f"{args.ckpt}")
         return
@@ -1113,7 +1182,8 @@ def main(argv=None):
         wav, sr = load(args.encode, model.sample_rate, 1, notice=True)
         codes = model.encode(wav[None], n_q, args.denoise)[0]  # (Q, F)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.out, codes=codes.numpy().astype(np.int16), sample_rate=sr, num_samples=wav.shape[-1],
+        dtype = np.int16 if model.codebook_size <= 2 ** 15 else np.int32  # the smallest type that holds the ids
+        np.savez(args.out, codes=codes.numpy().astype(dtype), sample_rate=sr, num_samples=wav.shape[-1],
                  model="soundstream", codebook_size=model.codebook_size, frame_rate=model.frame_rate)
         print(f"{args.encode}: {codes.shape[0]} codebooks x {codes.shape[1]} frames "
               f"({model.bitrate(codes.shape[0]) / 1000:g} kbps) -> {args.out}")
@@ -1122,11 +1192,13 @@ def main(argv=None):
             npz = np.load(args.decode)
             codes, num_samples = torch.from_numpy(npz["codes"].astype(np.int64)), int(npz["num_samples"])
             kind, size = str(npz["model"]), int(npz["codebook_size"])
+            rate, frame_rate = int(npz["sample_rate"]), float(npz["frame_rate"])
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{args.decode} is not a codes file written by --encode ({e})") from None
-        if kind != "soundstream" or size != model.codebook_size:
-            raise ValueError(f"{args.decode} holds {kind} codes with {size}-entry codebooks; this checkpoint is a "
-                             f"SoundStream with {model.codebook_size}-entry codebooks")
+        if (kind, size, rate, frame_rate) != ("soundstream", model.codebook_size, model.sample_rate, model.frame_rate):
+            raise ValueError(f"{args.decode} holds {kind} codes ({size}-entry codebooks, {rate} Hz, {frame_rate:g} "
+                             f"frames/s); this checkpoint is a SoundStream with {model.codebook_size}-entry codebooks "
+                             f"at {model.sample_rate} Hz, {model.frame_rate:g} frames/s")
         wav = model.decode(codes[None], args.denoise)[0, :, :num_samples]
         save(args.out, wav, model.sample_rate)
         print(f"{args.decode} -> {args.out} ({num_samples / model.sample_rate:.2f} s)")
@@ -1150,5 +1222,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (AudioError, ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+    except (AudioError, ValueError, FileNotFoundError, FloatingPointError) as e:  # a clear message, no traceback
         sys.exit(f"error: {e}")

@@ -446,13 +446,20 @@ def test_cli_round_trip_and_clear_errors(tmp_path, mini_ckpt):
     assert (tmp_path / "rec.png").is_file()
 
     bad_codes = tmp_path / "bad.npz"
-    np.savez(bad_codes, codes=np.zeros((2, 5), np.int16), num_samples=1600, model="encodec", codebook_size=1024)
+    np.savez(bad_codes, codes=np.zeros((2, 5), np.int16), num_samples=1600, model="encodec", codebook_size=1024,
+             sample_rate=24000, frame_rate=75.0)
+    other_rate = tmp_path / "24k.npz"  # SoundStream codes of a 24 kHz model
+    np.savez(other_rate, codes=np.zeros((2, 5), np.int16), num_samples=1600, model="soundstream",
+             codebook_size=16, sample_rate=24000, frame_rate=75.0)
     empty = tmp_path / "empty.wav"
     save(empty, np.zeros((1, 0), np.float32), 16000)
     for args, message in [
         (("--reconstruct", tmp_path / "missing.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "not found"),
         (("--reconstruct", empty, "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "empty.wav"),
         (("--decode", bad_codes, "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "holds encodec codes"),
+        (("--decode", other_rate, "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "24000 Hz, 75 frames/s"),
+        (("--encode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "c.npz", "--bitrate", 0),
+         "0 kbps needs 0 quantizers"),
         (("--decode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "not a codes file"),
         (("--encode", tmp_path / "in.wav", "--ckpt", tmp_path / "in.wav", "--out", tmp_path / "c.npz"),
          "not a readable checkpoint"),
@@ -480,3 +487,61 @@ def test_training_with_film_and_noise(tmp_path, noise):
     stats = [trainer.step(clean) for _ in range(2)]
     assert all(math.isfinite(v) for s in stats for v in s.values())
     assert trainer.model.film.linear.weight.abs().sum() > 0  # FiLM is trained
+
+
+def _ddp_train_worker(rank, world, port, out, kwargs, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(MINI, batch_size=4, out=out)
+    history = ss.train(cfg, **kwargs)
+    torch.save(history, f"{result}.rank{rank}.pt")
+
+
+def test_ddp_resume_continues_bit_exactly_on_every_rank(tmp_path):
+    # each rank draws its own quantizer dropout: the checkpoint must hold every rank's RNG state
+    runs = [("full", {}, "full"), ("split", {"interrupt_after": 3}, "first"), ("split", {"resume": True}, "rest")]
+    for out, kwargs, name in runs:
+        mp.spawn(_ddp_train_worker, args=(2, _free_port(), str(tmp_path / out), kwargs, str(tmp_path / name)),
+                 nprocs=2, join=True)
+    for rank in (0, 1):
+        full, first, rest = (torch.load(tmp_path / f"{n}.rank{rank}.pt", weights_only=True)
+                             for n in ("full", "first", "rest"))
+        assert len(first) == 3 and len(rest) == 3 and first + rest == full
+    full0 = torch.load(tmp_path / "full.rank0.pt", weights_only=True)
+    full1 = torch.load(tmp_path / "full.rank1.pt", weights_only=True)
+    assert full0 != full1  # different data (and dropout) on each rank
+
+
+def test_reconstruction_loss_stays_float32_under_autocast():
+    cfg = ss.PRESETS["tiny"]
+    x, y = 0.3 * torch.randn(2, 1, 4000), 0.3 * torch.randn(2, 1, 4000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ss.reconstruction_loss(x, y, cfg)
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(ss.reconstruction_loss(x, y, cfg).item(), rel=1e-6)
+
+
+def test_ctrl_c_saves_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "soundstream.py"), "--train", "--preset", "tiny", "--out", str(out),
+            "--steps", "400", "--log_every", "1", "--eval_utterances", "1", "--batch_size", "2",
+            "--segment_seconds", "0.2", "--enc_channels", "4", "--dec_channels", "4", "--latent_dim", "8",
+            "--codebook_size", "16", "--num_quantizers", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:  # wait until training runs, then press Ctrl-C
+        if line.startswith("step 3/"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "stopped at step" in stdout and "Traceback" not in stderr
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= step < 400
+    r = subprocess.run([sys.executable, str(ROOT / "soundstream.py"), "--train", "--resume", "--out", str(out),
+                        "--steps", str(step + 2)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed at step {step}" in r.stdout and f"step {step + 2}/{step + 2}" in r.stdout
