@@ -47,7 +47,8 @@ given (§IV describes data and evaluation only).
 Parameter count: Table I gives 8.4 M for C_enc = C_dec = 32. The layers §III-A/B and Fig. 3 describe have
 9,183,233 weights before the two D-dependent convolutions (+5,121 per latent dimension: 9.84 M at D = 128), so
 no choice of D reproduces 8.4 M; with C = 16 the same count is 2,297,857 + 2,561 D (2.63 M at D = 128, Table I:
-2.4 M). The paper must count differently or simplify Fig. 3. We follow the text.
+2.4 M), and the asymmetric rows of Table I are off by as much (C_enc/C_dec = 16/32: 6.30 M here, 5.5 M there;
+32/16: 6.17 M, 5.3 M). The paper must count differently or simplify Fig. 3. We follow the text.
 
 Commands
   python soundstream.py --train --preset tiny                          # demo corpus, CPU, ~10 min
@@ -93,16 +94,20 @@ class Config:
     sample_rate: int = 24000              # f_s = 24 kHz for all training data (§IV-A)
     enc_channels: int = 32                # C_enc = 32, the default model of Table I
     dec_channels: int = 32                # C_dec = 32 (Table I)
-    strides: tuple[int, ...] = (2, 4, 5, 8)  # B_enc = 4 blocks, M = 2*4*5*8 = 320 samples, 75 Hz (§III-A)
+    strides: tuple[int, ...] = (2, 4, 5, 8)  # B_enc = 4 blocks, M = 2*4*5*8 = 320 samples (§III-A): 75 frames per
+                                          # second at 24 kHz (§III-C)
     latent_dim: int = 128                 # D: not given in the paper; our choice: 128, as EnCodec (Defossez et
                                           # al. 2022), the SoundStream-style codec whose D is published
     # residual vector quantizer (§III-C)
-    num_quantizers: int = 24              # N_q = 24: the scalable model goes up to 18 kbps = 24 x 0.75 kbps (§V-C)
+    num_quantizers: int = 24              # N_q: not stated; derived: the scalable model is "trained at 18 kbps"
+                                          # (§V-C, Fig. 7) = 75 Hz x 10 bits x 24, with N = 1024 as in §III-C
     codebook_size: int = 1024             # N = 1024 = 2^10 entries, 10 bits per quantizer (§III-C)
     quantizer_dropout: bool = True        # n_q ~ U{1..N_q} per training example (§III-C)
-    ema_decay: float = 0.99               # codebook EMA as in VQ-VAE-2 [32] (gamma = 0.99 there); the assignment
-                                          # statistic for dead codes also decays at 0.99 (§III-C)
-    dead_code_threshold: float = 2.0      # replace codes whose EMA assignment count falls below 2 (§III-C)
+    ema_decay: float = 0.99               # §III-C: the EMA of each entry's assignments decays at 0.99. The codebook
+                                          # EMA "following VQ-VAE-2 [32]" has no decay given; our choice: the same
+                                          # 0.99 (VQ-VAE [31] App. A.1), one EMA serving both
+    dead_code_threshold: float = 2.0      # replace entries whose EMA assignment count falls below 2 (§III-C, a rule
+                                          # "proposed in [34]", Jukebox)
     kmeans_iters: int = 10                # k-means on the first batch (§III-C); iterations: our choice
     commitment_weight: float = 0.25       # DEVIATION 4: not in Eq. 6; the VQ-VAE [31] commitment term, beta 0.25
     # joint compression and enhancement (§III-F)
@@ -143,7 +148,8 @@ class Config:
 PRESETS = {
     "paper": Config(),
     # The acoustic tokenizer of AudioLM (Borsos et al., TASLP 2023): 16 kHz, strides (2, 4, 5, 8) -> 50 Hz,
-    # 12 quantizers x 1024 entries = 6 kbps.
+    # 12 quantizers x 1024 entries = 6 kbps. AudioLM gives nothing else about its SoundStream: every other field
+    # (C = 32, D = 128, discriminators and losses tuned at 24 kHz) is the paper preset's (our choice).
     "audiolm": Config(sample_rate=16000, num_quantizers=12),
     # CPU demo on the 16 kHz demo corpus, under 10 minutes on 2 cores (README). Our choices: narrow nets, short
     # crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160 frames) assigns ~5 frames
@@ -288,7 +294,8 @@ class VectorQuantizer(nn.Module):
     - EMA updates of the codebook as in VQ-VAE-2 [32] (VQ-VAE [31] App. A.1): counts and sums of the vectors
       assigned to each entry are smoothed over batches and the entry is their ratio;
     - k-means on the first training batch instead of a random initialization;
-    - an entry whose EMA assignment count falls below 2 is replaced by a random input vector of the batch.
+    - an entry whose EMA assignment count falls below 2 is replaced by a random input vector of the batch, "as
+      proposed in [34]" (Jukebox, Dhariwal et al. 2020).
     Under DDP the counts and sums are all-reduced and every random choice is made on rank 0 and broadcast, so
     the codebooks stay identical on every rank."""
 
@@ -318,7 +325,7 @@ class VectorQuantizer(nn.Module):
             dist.all_gather(parts, z)
             z = torch.cat(parts)  # (world * N, D)
         if not _is_distributed() or dist.get_rank() == 0:
-            # start from random frames of the batch (drawn with replacement, in case N < K)
+            # our choice: start from random frames of the batch (drawn with replacement, in case N < K)
             self.codebook.copy_(z[torch.randint(len(z), (self.size,), device=z.device)])  # (K, D)
             for _ in range(self.kmeans_iters):  # Lloyd's algorithm
                 codes = self.nearest(z)  # (N,)
@@ -326,7 +333,8 @@ class VectorQuantizer(nn.Module):
                 sums = torch.zeros_like(self.codebook).index_add_(0, codes, z)  # (K, D)
                 self.codebook.copy_(torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None],
                                                 self.codebook))  # an empty cluster keeps its centroid
-            # the EMA statistics start from the final clustering, counted over the whole batch like the updates
+            # our choice: the EMA statistics start from the final clustering, counted over the whole batch like the
+            # updates (the paper does not say how they start)
             self.cluster_size.copy_(torch.bincount(self.nearest(z), minlength=self.size).to(z.dtype))
             self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
         if _is_distributed():  # rank 0's result everywhere
@@ -353,8 +361,9 @@ class VectorQuantizer(nn.Module):
             if _is_distributed():
                 dist.broadcast(new, src=0)
             self.codebook[dead] = new[dead]
-            # restart the statistics consistently: the entry counts as `threshold` assignments of itself; it is
-            # replaced again at the next step unless at least `threshold` inputs choose it (0.99 * 2 + 0.01 n >= 2)
+            # our choice: restart the statistics consistently: the entry counts as `threshold` assignments of
+            # itself; it is replaced again at the next step unless at least `threshold` inputs choose it
+            # (0.99 * 2 + 0.01 n >= 2)
             self.cluster_size[dead] = self.threshold
             self.embed_sum[dead] = new[dead] * self.threshold
 
@@ -581,8 +590,9 @@ def _load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a checkpoint is data, not code
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's own message (many lines, advice to set weights_only=False) would mislead
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read ({type(e).__name__}); "
+                         f"expected the model.pt or ckpt.pt that --train writes") from None
     if not isinstance(ckpt, dict) or ckpt.get("model") != "soundstream":
         kind = ckpt.get("model", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is a {kind!r} checkpoint, not a SoundStream one")
@@ -777,7 +787,8 @@ def mix_noise(clean, noise, cfg, generator):
     clean = peak_normalize(clean)
     gain = 10 ** (torch.empty(B, 1, 1).uniform_(-30, 0, generator=generator) / 20)  # §IV-A
     noisy = (torch.rand(B, 1, 1, generator=generator) < cfg.noisy_fraction).float()
-    inputs = clean + noisy * gain * peak_normalize(noise)
+    inputs = clean + noisy * gain * peak_normalize(noise)  # our reading: the gain is relative to a peak-normalized
+                                                           # noise (§IV-A normalizes the speech, says nothing of the noise)
     denoise = torch.rand(B, generator=generator) < 0.5  # our choice: either mode equally often
     targets = torch.where(denoise[:, None, None], clean, inputs)
     # our choice: scale a mixture that exceeds [-1, 1] back into it (targets by the same factor)
@@ -1188,8 +1199,15 @@ def main(argv=None):
         print(f"{args.encode}: {codes.shape[0]} codebooks x {codes.shape[1]} frames "
               f"({model.bitrate(codes.shape[0]) / 1000:g} kbps) -> {args.out}")
     elif args.decode:
+        if not Path(args.decode).is_file():
+            raise FileNotFoundError(f"{args.decode}: file not found")
         try:
-            npz = np.load(args.decode)
+            npz = np.load(args.decode, allow_pickle=False)  # a codes file is plain arrays, never pickled objects
+        except (OSError, ValueError):
+            raise ValueError(f"{args.decode} is not a codes file written by --encode (not a .npz archive)") from None
+        try:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not a .npz archive")
             codes, num_samples = torch.from_numpy(npz["codes"].astype(np.int64)), int(npz["num_samples"])
             kind, size = str(npz["model"]), int(npz["codebook_size"])
             rate, frame_rate = int(npz["sample_rate"]), float(npz["frame_rate"])

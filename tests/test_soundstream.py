@@ -418,7 +418,7 @@ def test_checkpoints_from_other_models_are_refused(tmp_path, mini_ckpt):
         ss.SoundStream.load(other)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="junk.pt is not a checkpoint torch.load"):
         ss.SoundStream.load(junk)
     with pytest.raises(FileNotFoundError):
         ss.SoundStream.load(tmp_path / "missing.pt")
@@ -460,9 +460,12 @@ def test_cli_round_trip_and_clear_errors(tmp_path, mini_ckpt):
         (("--decode", other_rate, "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "24000 Hz, 75 frames/s"),
         (("--encode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "c.npz", "--bitrate", 0),
          "0 kbps needs 0 quantizers"),
-        (("--decode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"), "not a codes file"),
+        (("--decode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"),
+         "not a codes file written by --encode (not a .npz archive)"),
+        (("--decode", tmp_path / "missing.npz", "--ckpt", mini_ckpt, "--out", tmp_path / "x.wav"),
+         "missing.npz: file not found"),
         (("--encode", tmp_path / "in.wav", "--ckpt", tmp_path / "in.wav", "--out", tmp_path / "c.npz"),
-         "not a readable checkpoint"),
+         "in.wav is not a checkpoint torch.load"),
         (("--encode", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "c.npz", "--n_q", 9),
          "n_q must be"),
         (("--train", "--resume", "--out", tmp_path / "nothing"), "not found"),
