@@ -152,7 +152,7 @@ PRESETS = {
     # (C = 32, D = 128, discriminators and losses tuned at 24 kHz) is the paper preset's (our choice).
     "audiolm": Config(sample_rate=16000, num_quantizers=12),
     # CPU demo on the 16 kHz demo corpus, under 10 minutes on 2 cores (README): 500 steps, since a step took 0.47 s
-    # on one 2-core build machine (Intel Xeon) and 0.9 s on another (AMD EPYC). Our choices: narrow nets, short
+    # on one 2-core build machine (Intel Xeon) and 0.88 s on another (AMD EPYC). Our choices: narrow nets, short
     # crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160 frames) assigns ~5 frames
     # per code, above the dead-code threshold of 2 (with K = 1024 almost every code would be "dead" every step).
     "tiny": Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32, num_quantizers=8,
@@ -788,8 +788,8 @@ def mix_noise(clean, noise, cfg, generator):
     clean = peak_normalize(clean)
     gain = 10 ** (torch.empty(B, 1, 1).uniform_(-30, 0, generator=generator) / 20)  # §IV-A
     noisy = (torch.rand(B, 1, 1, generator=generator) < cfg.noisy_fraction).float()
-    inputs = clean + noisy * gain * peak_normalize(noise)  # our reading: the gain is relative to a peak-normalized
-                                                           # noise (§IV-A normalizes the speech, says nothing of the noise)
+    # our reading: the gain is relative to a peak-normalized noise (§IV-A normalizes the speech, not the noise)
+    inputs = clean + noisy * gain * peak_normalize(noise)
     denoise = torch.rand(B, generator=generator) < 0.5  # our choice: either mode equally often
     targets = torch.where(denoise[:, None, None], clean, inputs)
     # our choice: scale a mixture that exceeds [-1, 1] back into it (targets by the same factor)
