@@ -1,61 +1,59 @@
 """
 SoundStream: An End-to-End Neural Audio Codec, in one file.
 
-Zeghidour, Luebs, Omran, Skoglund, Tagliasacchi. IEEE/ACM TASLP 30, 2022 (arXiv 2021). https://arxiv.org/abs/2107.03312
-No official code was released, so this file is written against the paper (arXiv v1) alone. Reimplementations
-read for contrast only: lucidrains/audiolm-pytorch (soundstream.py, v2.4.0) and wesbz/SoundStream.
+Zeghidour, Luebs, Omran, Skoglund, Tagliasacchi. IEEE/ACM TASLP 30, 2022. arXiv 2107.03312.
+No official code was released: this file follows the paper (arXiv v1) alone. Reimplementations
+read for contrast only: lucidrains/audiolm-pytorch (soundstream.py, v2.4.0), wesbz/SoundStream.
 
 Paper -> code
-  §III-A encoder, Fig. 3 ............ Encoder, EncoderBlock, ResidualUnit, CausalConv1d
-  §III-B decoder, Fig. 3 ............ Decoder, DecoderBlock, CausalConvTranspose1d
-  §III-C RVQ, Algorithm 1 ........... VectorQuantizer (EMA, k-means init, dead codes), ResidualVectorQuantizer
-  §III-C quantizer dropout .......... ResidualVectorQuantizer.forward (n_q ~ U{1..N_q} per example)
-  §III-D discriminators, Fig. 4 ..... WaveDiscriminator (MelGAN [15]), STFTDiscriminator
-  §III-E Eqs. 1-6 ................... discriminator_loss, adversarial_loss, feature_loss, reconstruction_loss
-  §III-F Eq. 7 (FiLM), §IV-A noise .. FiLM, mix_noise
-  streaming (§I, §III-A, §V-D) ...... SoundStream.streaming()
+  §III-A encoder, Fig. 3 ........ Encoder, EncoderBlock, ResidualUnit, CausalConv1d
+  §III-B decoder, Fig. 3 ........ Decoder, DecoderBlock, CausalConvTranspose1d
+  §III-C RVQ, Algorithm 1 ....... VectorQuantizer (EMA, k-means, dead codes), and
+  §III-C quantizer dropout ...... ResidualVectorQuantizer (n_q ~ U{1..N_q} per example)
+  §III-D discriminators, Fig. 4 . WaveDiscriminator (MelGAN [15]), STFTDiscriminator
+  §III-E Eqs. 1-6 ............... discriminator_, adversarial_, feature_loss, ReconstructionLoss
+  §III-F Eq. 7, §IV-A noise ..... FiLM, coloured_noise, mix_noise
+  streaming (§I, §III-A) ........ SoundStream.streaming()
 
-Shapes: B batch, T samples (audio is mono: (B, 1, T)), F frames (T / M), M hop = prod(strides), D latent dim,
-Q codebooks in use, N_q all codebooks, K codebook size (the paper's N). C is the paper's channel width (C_enc,
-C_dec), and Fig. 3/4 write N for a block's channel count; in the quantizer, N counts the rows of the flattened
-(B*F, D) frames. `F` in code is torch.nn.functional.
+Shapes: B batch, T samples (mono: (B, 1, T)), L frames (T / M), M hop = prod(strides), D latent
+dim, Q codebooks in use, N_q all codebooks, K codebook size (the paper's N), N rows of flattened
+(B*L, D) frames in the quantizer. `F` is torch.nn.functional.
 
-DEVIATIONS from the paper (each is also tagged `# DEVIATION` where it happens)
-  1. Eqs. 4-5 sum the spectral distances over frames; we average over frames, so that the reconstruction loss
-     does not grow with the crop length while the adversarial and feature losses (Eqs. 2-3) are time averages.
-     This also reweights the scales (the sum gives each scale a weight proportional to its number of frames,
-     32 times more for s = 64 than for s = 2048) and makes the term smaller against lambda_feat * L_feat by the
-     number of frames; with the paper's (unknown) crop length its balance cannot be reproduced anyway.
-  2. Eqs. 1-3 write 1/K (and 1/(KL)) with k = 0..K: K + 1 = 4 discriminators, whose layer counts L differ (7 for
-     the STFT discriminator, 6 for the wave ones). We average over the four, as the text says ("averaged over
-     multiple discriminators"), and over each one's own layers in Eq. 3 - a constant factor of 3/4 in Eqs. 1-2.
-  3. The sqrt in the L2 term (Eq. 5) gets an epsilon of 1e-12: a silent frame gives a zero difference and
-     sqrt'(0) is infinite.
-  4. A VQ-VAE commitment loss (weight 0.25, VQ-VAE [31]) trains the encoder towards its codes; Eq. 6 has none.
-     The codebooks themselves are learnt by EMA, as the paper says, but nothing else in Eq. 6 keeps the encoder's
-     output close to them.
-  5. Quantizer dropout masks which quantizers each example decodes with (and its commitment loss); every
-     quantizer still runs, and updates its codebook, on every frame. The paper: "only use quantizers Q_i for
-     i = 1..n_q". Otherwise the deepest codebook would see 1/N_q of the frames and the dead-code rule would
-     replace most of its entries at every step (ResidualVectorQuantizer says more).
+DEVIATIONS from the paper (each is tagged `# DEVIATION` where it happens)
+  1. Eqs. 4-5 are normalised. As written (linear-magnitude STFT, peak-1 mel triangles, sums over
+     the 64 bands) the term is ~3700 at initialisation, its L1 part grows 2.8x per octave of
+     window size (so the largest scales make most of it), and its gradient at x_hat is 1e3-1e7
+     times the adversarial and feature terms': the generator hardly sees the GAN. Here a mel
+     band is the mean of its STFT bins, the STFT is divided by its window's sum (a full-scale
+     sine peaks at 0.5 at every s), the L1 and L2 norms over bands become a mean and an RMS, and
+     frames and scales are averaged. The structure (L1 of S, alpha_s-weighted L2 of log S,
+     alpha_s = sqrt(s/2)) and lambda_rec = 1 stay the paper's; the term is then ~20-60, and its
+     gradient at x_hat 10-100x the GAN terms' once the discriminators have learnt for ~50 steps
+     (benchmarks/soundstream_balance.py; every log line prints them).
+  2. Eqs. 1-3 write 1/K with k = 0..K: K + 1 = 4 discriminators. We average over the four, and
+     in Eq. 3 over each one's own layers (7 for the STFT discriminator, 6 for the wave ones).
+  3. The sqrt in Eq. 5 gets an epsilon of 1e-12: sqrt'(0) is infinite on identical frames.
+  4. A VQ-VAE commitment loss beta * ||r_i - sg(Q_i(r_i))||^2 (beta = 0.25, VQ-VAE [31]), summed
+     over the quantizers and over the latent dimensions: Eq. 6 has none, but nothing else keeps
+     the encoder's output near codebooks that are learnt by EMA.
+  5. Quantizer dropout masks which quantizers each example decodes with (and its commitment
+     term); every quantizer still runs, and updates its codebook, on every frame.
 
-Where the paper is silent we say "our choice" next to the number. The biggest ones: D = 128; the optimizer
-(Adam 3e-4, betas 0.5/0.9, as EnCodec); where the ELUs sit; activations and weight norm in the discriminators;
-the noise mixing details; the tiny preset. The paper's optimizer, batch, crop length and number of steps are not
-given (§IV describes data and evaluation only).
+Where the paper is silent the comment says "our choice". The biggest: D = 128; Adam (3e-4,
+betas 0.5/0.9, EnCodec's recipe); where the ELUs sit; zero bias init; gradient clipping; the
+noise mixing details; the tiny preset. The paper gives no optimizer, batch, crop or step count.
+The parameter count against Table I is worked out in notebooks/soundstream.ipynb (9.84 M here,
+8.4 M in Table I: the layers the text describes cannot give 8.4 M).
 
-Parameter count: Table I gives 8.4 M for C_enc = C_dec = 32. The layers §III-A/B and Fig. 3 describe have
-9,183,233 weights before the two D-dependent convolutions (+5,121 per latent dimension: 9.84 M at D = 128), so
-no choice of D reproduces 8.4 M; with C = 16 the same count is 2,297,857 + 2,561 D (2.63 M at D = 128, Table I:
-2.4 M), and the asymmetric rows of Table I are off by as much (C_enc/C_dec = 16/32: 6.30 M here, 5.5 M there;
-32/16: 6.17 M, 5.3 M). The paper must count differently or simplify Fig. 3. We follow the text.
+Exact resume: on CPU a resumed run repeats the uninterrupted one bit for bit (tested). On CUDA,
+index_add_ (codebook EMA) and cuDNN are not deterministic, so runs drift apart slowly.
 
 Commands
   python soundstream.py --train --preset tiny                          # demo corpus, CPU, < 10 min
   python soundstream.py --train --preset paper --data /data/LibriTTS   # one GPU
-  torchrun --standalone --nproc_per_node=8 soundstream.py --train --preset paper --data /data/LibriTTS
-  python soundstream.py --train --resume --out runs/soundstream        # continue exactly where it stopped
-  python soundstream.py --reconstruct in.wav --ckpt runs/soundstream/model.pt --out out.wav --bitrate 6
+  torchrun --standalone --nproc_per_node=8 soundstream.py --train --preset paper --data DIR
+  python soundstream.py --train --resume --out runs/soundstream        # continue where it stopped
+  python soundstream.py --reconstruct in.wav --ckpt runs/soundstream/model.pt --out out.wav --n_q 4
   python soundstream.py --encode in.wav --ckpt runs/soundstream/model.pt --out codes.npz --n_q 8
   python soundstream.py --decode codes.npz --ckpt runs/soundstream/model.pt --out out.wav
   python soundstream.py --eval --ckpt runs/soundstream/model.pt [--data DIR]
@@ -64,12 +62,16 @@ Commands
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import inspect
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,97 +86,126 @@ from common.audio import AudioError, load, peak_normalize, random_crop, save
 from common.data import AudioDataset, resolve_files
 from common.metrics import codebook_stats, mel_distance, mel_filterbank, pesq, plot_comparison, stoi
 
-# -----------------------------------------------------------------------------------------------------------------
-# Configuration and presets
+NAME = "soundstream"  # the model name in checkpoints and codes files; the generic blocks use it
+
+# -------------------------------------------------------------------------------------------------
+# Configuration: the model (saved in model.pt) and the training run (saved in ckpt.pt only)
 
 
 @dataclass
 class Config:
-    # audio and architecture (§III-A, §III-B)
-    sample_rate: int = 24000              # f_s = 24 kHz for all training data (§IV-A)
-    enc_channels: int = 32                # C_enc = 32, the default model of Table I
-    dec_channels: int = 32                # C_dec = 32 (Table I)
-    strides: tuple[int, ...] = (2, 4, 5, 8)  # B_enc = 4 blocks, M = 2*4*5*8 = 320 samples (§III-A): 75 frames per
-                                          # second at 24 kHz (§III-C)
-    latent_dim: int = 128                 # D: not given in the paper; our choice: 128, as EnCodec (Defossez et
-                                          # al. 2022), the SoundStream-style codec whose D is published
-    # residual vector quantizer (§III-C)
-    num_quantizers: int = 24              # N_q: not stated; derived: the scalable model is "trained at 18 kbps"
-                                          # (§V-C, Fig. 7) = 75 Hz x 10 bits x 24, with N = 1024 as in §III-C
-    codebook_size: int = 1024             # N = 1024 = 2^10 entries, 10 bits per quantizer (§III-C)
-    quantizer_dropout: bool = True        # n_q ~ U{1..N_q} per training example (§III-C)
-    ema_decay: float = 0.99               # §III-C: the EMA of each entry's assignments decays at 0.99. The codebook
-                                          # EMA "following VQ-VAE-2 [32]" has no decay given; our choice: the same
-                                          # 0.99 (VQ-VAE [31] App. A.1), one EMA serving both
-    dead_code_threshold: float = 2.0      # replace entries whose EMA assignment count falls below 2 (§III-C, a rule
-                                          # "proposed in [34]", Jukebox)
-    kmeans_iters: int = 10                # k-means on the first batch (§III-C); iterations: our choice
-    commitment_weight: float = 0.25       # DEVIATION 4: not in Eq. 6; the VQ-VAE [31] commitment term, beta 0.25
-    # joint compression and enhancement (§III-F)
-    film: str = "none"                    # "encoder" or "decoder": FiLM at that side of the bottleneck (§V-E)
-    noise_dir: str = ""                   # folder of noise to mix in (§IV-A used Freesound); "" = synthetic coloured
-                                          # noise with FiLM, no noise without it
-    noisy_fraction: float = 0.5           # our choice: share of training examples that get noise
-    # discriminators (§III-D)
-    wave_disc_channels: int = 16          # first conv of the MelGAN discriminator [15], which §III-D reuses
-    wave_disc_max_channels: int = 1024    # "channel multiplier of 4 up to a maximum of 1024" (§III-D)
-    stft_disc_channels: int = 32          # 32 channels after the 7x7 conv (§III-D, Fig. 4)
-    stft_window: int = 1024               # W = 1024 (§III-D)
-    stft_hop: int = 256                   # H = 256 (§III-D)
-    # losses (§III-E)
-    lambda_adv: float = 1.0               # lambda_adv = 1 (§III-E)
-    lambda_feat: float = 100.0            # lambda_feat = 100 (§III-E)
-    lambda_rec: float = 1.0               # lambda_rec = 1 (§III-E)
-    mel_bins: int = 64                    # 64-bin mel spectrograms (§III-E)
-    mel_scales: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # s in 2^6..2^11, hop s/4 (Eq. 4)
-    # training: the paper gives none of these; our choices
-    data: str = ""                        # folder or .jsonl manifest; "" = the demo corpus shipped in data/demo
-    out: str = "runs/soundstream"         # checkpoints, log, samples
-    steps: int = 1_000_000                # our choice
-    batch_size: int = 32                  # global batch (split over DDP ranks); our choice
-    segment_seconds: float = 3.0          # training crops of 3 s: the crop §IV-A uses to mix noise into speech
-    lr: float = 3e-4                      # Adam, lr 3e-4, betas (0.5, 0.9): our choice, EnCodec's training recipe
-    betas: tuple[float, ...] = (0.5, 0.9)  # (see lr)
-    log_every: int = 100
-    sample_every: int = 5000              # write a reconstruction wav + spectrogram PNG
-    ckpt_every: int = 5000
-    eval_utterances: int = 20             # held-out utterances for the final metrics table
-    num_workers: int = 4
-    seed: int = 0
-    amp: str = "none"                     # "bf16" / "fp16" on CUDA; ignored on CPU
-    compile: bool = False                 # torch.compile the generator (CUDA)
+    """What rebuilds the model. Defaults are the paper's 24 kHz model."""
+    sample_rate: int = 24000       # f_s = 24 kHz for all training data (§IV-A)
+    enc_channels: int = 32         # C_enc = 32, the default model of Table I
+    dec_channels: int = 32         # C_dec = 32 (Table I)
+    strides: tuple[int, ...] = (2, 4, 5, 8)  # B_enc = 4 blocks, M = 320 samples: 75 Hz (§III-A, C)
+    latent_dim: int = 128          # D: not given; our choice: 128, EnCodec's (Defossez et al. 2022)
+    num_quantizers: int = 24       # N_q: derived: "trained at 18 kbps" (§V-C) = 75 Hz x 10 x 24
+    codebook_size: int = 1024      # N = 1024 entries, 10 bits per quantizer (§III-C)
+    quantizer_dropout: bool = True  # n_q ~ U{1..N_q} per training example (§III-C)
+    ema_decay: float = 0.99        # EMA decay 0.99 (§III-C; VQ-VAE [31] App. A.1 for the codebook)
+    dead_code_threshold: float = 2.0  # replace entries with EMA count < 2 (§III-C, Jukebox [34])
+    kmeans_iters: int = 10         # k-means on the first batch (§III-C); iterations: our choice
+    film: str = "none"             # "encoder" / "decoder": FiLM conditioning there (§III-F, §V-E)
 
+
+@dataclass
+class TrainConfig:
+    """How the model is trained: discriminators, losses, optimizer, data and the run itself."""
+    # discriminators (§III-D)
+    wave_disc_channels: int = 16   # first conv of the MelGAN discriminator [15] that §III-D reuses
+    wave_disc_max_channels: int = 1024  # "multiplier of 4 up to a maximum of 1024" (§III-D)
+    stft_disc_channels: int = 32   # 32 channels after the 7x7 conv (§III-D, Fig. 4)
+    stft_window: int = 1024        # W = 1024 (§III-D)
+    stft_hop: int = 256            # H = 256 (§III-D)
+    # losses (§III-E)
+    lambda_adv: float = 1.0        # lambda_adv = 1 (§III-E)
+    lambda_feat: float = 100.0     # lambda_feat = 100 (§III-E)
+    lambda_rec: float = 1.0        # lambda_rec = 1 (§III-E); the term is normalised (DEVIATION 1)
+    commitment_weight: float = 0.25  # DEVIATION 4: beta = 0.25 of VQ-VAE [31]
+    mel_bins: int = 64             # 64-bin mel spectrograms (§III-E)
+    mel_scales: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # s = 2^6..2^11, hop s/4 (Eq. 4)
+    # joint compression and enhancement (§III-F)
+    noise_dir: str = ""            # noise to mix in (§IV-A: Freesound); "": coloured, with FiLM
+    noisy_fraction: float = 0.5    # our choice: share of training examples that get noise
+    # optimisation: the paper gives none of these; our choices
+    lr: float = 3e-4               # Adam 3e-4, betas (0.5, 0.9): EnCodec's training recipe
+    betas: tuple[float, ...] = (0.5, 0.9)  # (see lr)
+    grad_clip: float = 100.0       # our choice: clip G and D gradient norms at 100 (DAC: 1000)
+    batch_size: int = 32           # global batch, split over DDP ranks
+    segment_seconds: float = 3.0   # 3 s crops, the crop §IV-A mixes noise into
+    # the run
+    data: str = ""                 # folder or .jsonl manifest; "": the demo corpus in data/demo
+    out: str = "runs/soundstream"  # checkpoints, log, samples
+    steps: int = 1_000_000         # training steps
+    seed: int = 0                  # weights, crops, dropout and noise all follow from it
+    log_every: int = 100           # steps between log lines (each with full diagnostics)
+    sample_every: int = 5000       # steps between reconstruction wav + spectrogram PNGs
+    ckpt_every: int = 5000         # steps between checkpoints
+    eval_utterances: int = 20      # held-out utterances in the metrics table at the end
+    num_workers: int = 4           # DataLoader worker processes
+    threads: int = 0               # CPU threads; 0: the idle cores (busy cores stall torch)
+    amp: str = "none"              # "bf16" / "fp16" mixed precision on CUDA; ignored on CPU
+    compile: bool = False          # torch.compile the generator (CUDA)
+
+
+CHOICES = {"film": ("none", "encoder", "decoder"), "amp": ("none", "bf16", "fp16")}
 
 PRESETS = {
-    "paper": Config(),
-    # The acoustic tokenizer of AudioLM (Borsos et al., TASLP 2023): 16 kHz, strides (2, 4, 5, 8) -> 50 Hz,
-    # 12 quantizers x 1024 entries = 6 kbps. AudioLM gives nothing else about its SoundStream: every other field
-    # (C = 32, D = 128, discriminators and losses tuned at 24 kHz) is the paper preset's (our choice).
-    "audiolm": Config(sample_rate=16000, num_quantizers=12),
-    # CPU demo on the 16 kHz demo corpus, under 10 minutes on 2 cores (README): 500 steps, since a step took 0.47 s
-    # on one 2-core build machine (Intel Xeon) and 0.88 s on another (AMD EPYC). Our choices: narrow nets, short
-    # crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160 frames) assigns ~5 frames
-    # per code, above the dead-code threshold of 2 (with K = 1024 almost every code would be "dead" every step).
-    "tiny": Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32, num_quantizers=8,
-                   codebook_size=32, wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
-                   stft_window=512, stft_hop=128, steps=500, batch_size=8, segment_seconds=0.4, lr=1e-3,
-                   log_every=50, sample_every=250, ckpt_every=250, eval_utterances=16, num_workers=0),
+    "paper": (Config(), TrainConfig()),
+    # AudioLM's acoustic tokenizer (Borsos et al. 2023, §IV): 16 kHz, M = 320 -> 50 Hz, 12 x 1024
+    # (6 kbps). Everything else AudioLM leaves unsaid: the paper preset's (our choice).
+    "audiolm": (Config(sample_rate=16000, num_quantizers=12), TrainConfig()),
+    # CPU demo on the 16 kHz demo corpus, < 10 min on 2 cores (README). Our choices: narrow nets,
+    # short crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160
+    # frames) gives ~5 frames per entry, above the dead-code threshold of 2.
+    "tiny": (Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32,
+                    num_quantizers=8, codebook_size=32),
+             TrainConfig(wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
+                         stft_window=512, stft_hop=128, lr=1e-3, batch_size=8, segment_seconds=0.4,
+                         steps=1000, log_every=50, sample_every=500, ckpt_every=250,
+                         eval_utterances=16, num_workers=0)),
 }
 
-# -----------------------------------------------------------------------------------------------------------------
+
+def check_config(cfg, run=None):
+    """One-line errors for values the model cannot be built or trained with."""
+    for obj in (cfg, run):
+        for name, allowed in CHOICES.items():
+            if obj is not None and hasattr(obj, name) and getattr(obj, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(obj, name)!r}")
+    if run is not None:
+        # the longest window that must fit in a crop: reflect padding needs T > window / 2
+        need = max(max(run.mel_scales), run.stft_window) // 2 + 1
+        have = int(run.segment_seconds * cfg.sample_rate)
+        if have < need:
+            raise ValueError(f"segment_seconds {run.segment_seconds:g} gives {have} samples; the "
+                             f"training losses need at least {need} "
+                             f"({need / cfg.sample_rate:.3f} s)")
+
+# -------------------------------------------------------------------------------------------------
 # Building blocks: causal convolutions that can also run chunk by chunk
 
 
-class CausalConv1d(nn.Conv1d):
-    """Conv1d padded on the past only (§III-A: "padding is only applied to the past but not the future").
+def zero_bias(conv):
+    """Our choice (DC): start every generator bias at 0, as DAC's init does. PyTorch's default
+    bias init made the untrained output almost pure DC (mean +0.5), which the mel loss cannot
+    see (the DC bin has weight 0 in every mel filterbank)."""
+    nn.init.zeros_(conv.bias)
+    return conv
 
-    Offline, the input is left-padded with P = (k - 1) * d + 1 - s zeros. In streaming mode the last P input
-    samples of the previous chunk take the place of those zeros, so chunked and offline outputs are identical
-    whenever chunk lengths are multiples of the stride.
-    """
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d padded on the past only (§III-A: "padding is only applied to the past").
+
+    Offline, the input is left-padded with P = (k - 1) * d + 1 - s zeros. Streaming, the last P
+    samples of the previous chunk take their place, so chunked and offline outputs are identical
+    whenever chunk lengths are multiples of the stride."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, dilation=1):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, dilation=dilation)
+        zero_bias(self)
         self.causal_pad = (kernel_size - 1) * dilation + 1 - stride
         self.streaming, self.state = False, None
 
@@ -189,21 +220,19 @@ class CausalConv1d(nn.Conv1d):
 
 
 class CausalConvTranspose1d(nn.ConvTranspose1d):
-    """Transposed conv whose output at time t only depends on inputs up to t ("both the encoder and the decoder
-    only use causal convolutions", §I).
+    """Transposed conv whose output at time t depends on inputs up to t only (§I).
 
-    With kernel k = 2s and stride s, L input frames give L*s + (k - s) samples; the last k - s are incomplete
-    (they still await the next frame's contribution), so they are dropped offline and carried to the next chunk
-    in streaming mode.
-    """
+    With kernel k = 2s and stride s, L frames give L*s + (k - s) samples; the last k - s still
+    await the next frame's contribution: dropped offline, carried to the next chunk streaming."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride)
+        zero_bias(self)
         self.trim = kernel_size - stride
         self.streaming, self.state = False, None
 
     def forward(self, x):  # (B, C_in, L) -> (B, C_out, L * s)
-        y = F.conv_transpose1d(x, self.weight, None, self.stride)  # (B, C_out, L*s + trim), bias added last
+        y = F.conv_transpose1d(x, self.weight, None, self.stride)  # (B, C_out, L*s + trim)
         if self.streaming:
             if self.state is not None:  # add the tail the previous chunk left unfinished
                 y = torch.cat([y[..., :self.trim] + self.state, y[..., self.trim:]], dim=-1)
@@ -212,8 +241,8 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
 
 
 class ResidualUnit(nn.Module):
-    """Fig. 3 residual unit: conv k=7 with dilation d, then conv k=1, plus the identity. ELU activations (§III-A);
-    their placement before each conv (pre-activation, as in SEANet [45]) is our choice: Fig. 3 does not show it."""
+    """Fig. 3 residual unit: conv k=7 with dilation d, conv k=1, plus the identity. ELUs (§III-A)
+    before each conv (pre-activation, as SEANet [45]): our choice, Fig. 3 does not show them."""
 
     def __init__(self, channels, dilation):
         super().__init__()
@@ -225,17 +254,18 @@ class ResidualUnit(nn.Module):
 
 
 class EncoderBlock(nn.Sequential):
-    """Fig. 3 EncBlock(N, S): residual units at N/2 channels with dilations 1, 3, 9 (§III-A), then a strided conv
-    with kernel 2S that doubles the channels to N. The ELU before the strided conv is our choice."""
+    """Fig. 3 EncBlock(N, S): residual units at N/2 channels with dilations 1, 3, 9 (§III-A), then
+    a conv with kernel 2S and stride S to N channels. The ELU before it is our choice."""
 
     def __init__(self, out_ch, stride):
-        super().__init__(ResidualUnit(out_ch // 2, 1), ResidualUnit(out_ch // 2, 3), ResidualUnit(out_ch // 2, 9),
-                         nn.ELU(), CausalConv1d(out_ch // 2, out_ch, 2 * stride, stride=stride))
+        half = out_ch // 2
+        super().__init__(ResidualUnit(half, 1), ResidualUnit(half, 3), ResidualUnit(half, 9),
+                         nn.ELU(), CausalConv1d(half, out_ch, 2 * stride, stride=stride))
 
 
 class DecoderBlock(nn.Sequential):
-    """Fig. 3 DecBlock(N, S): a transposed conv (kernel 2S, stride S) that halves the channels to N, then the same
-    three residual units (§III-B). The ELU before the transposed conv is our choice."""
+    """Fig. 3 DecBlock(N, S): a transposed conv (kernel 2S, stride S) from 2N to N channels, then
+    the same three residual units (§III-B). The ELU before it is our choice."""
 
     def __init__(self, out_ch, stride):
         super().__init__(nn.ELU(), CausalConvTranspose1d(2 * out_ch, out_ch, 2 * stride, stride),
@@ -243,134 +273,141 @@ class DecoderBlock(nn.Sequential):
 
 
 class Encoder(nn.Sequential):
-    """§III-A, Fig. 3: conv k=7 to C, B_enc blocks doubling the channels, (ELU, our choice) conv k=3 to D.
-    "We do not apply any normalization" (§III-A)."""
+    """§III-A, Fig. 3: conv k=7 to C, B_enc blocks doubling the channels, (ELU, our choice) conv
+    k=3 to D. "We do not apply any normalization" (§III-A)."""
 
     def __init__(self, cfg):
         C = cfg.enc_channels
-        blocks = [EncoderBlock(C * 2 ** (i + 1), s) for i, s in enumerate(cfg.strides)]  # 2C, 4C, 8C, 16C
+        blocks = [EncoderBlock(C * 2 ** (i + 1), s) for i, s in enumerate(cfg.strides)]  # 2C..16C
         super().__init__(CausalConv1d(1, C, 7), *blocks,
                          nn.ELU(), CausalConv1d(C * 2 ** len(cfg.strides), cfg.latent_dim, 3))
 
 
 class Decoder(nn.Sequential):
-    """§III-B, Fig. 3: conv k=7 to 16C, blocks with the strides reversed halving the channels, (ELU, our choice)
-    conv k=7 to one channel. There is no output nonlinearity in the paper, and none here."""
+    """§III-B, Fig. 3: conv k=7 to 16C, blocks with the strides reversed halving the channels,
+    (ELU, our choice) conv k=7 to one channel. No output nonlinearity, as in the paper."""
 
     def __init__(self, cfg):
         C, n = cfg.dec_channels, len(cfg.strides)
-        blocks = [DecoderBlock(C * 2 ** (n - 1 - i), s) for i, s in enumerate(reversed(cfg.strides))]  # 8C..C
-        super().__init__(CausalConv1d(cfg.latent_dim, C * 2 ** n, 7), *blocks, nn.ELU(), CausalConv1d(C, 1, 7))
+        blocks = [DecoderBlock(C * 2 ** (n - 1 - i), s)
+                  for i, s in enumerate(reversed(cfg.strides))]
+        super().__init__(CausalConv1d(cfg.latent_dim, C * 2 ** n, 7), *blocks,  # 8C .. C
+                         nn.ELU(), CausalConv1d(C, 1, 7))
 
 
 class FiLM(nn.Module):
-    """Eq. 7: a~_{n,c} = gamma_{n,c} a_{n,c} + beta_{n,c}, with gamma and beta from a linear layer on a (possibly
+    """Eq. 7: a~ = gamma * a + beta, gamma and beta from a linear layer on a (possibly
     time-varying) two-dimensional one-hot of the denoising mode (§III-F)."""
 
     def __init__(self, channels):
         super().__init__()
         self.linear = nn.Linear(2, 2 * channels)
-        # our choice: start as the identity (gamma = 1, beta = 0), so FiLM does nothing until it is trained
+        # our choice: start as the identity (gamma = 1, beta = 0)
         nn.init.zeros_(self.linear.weight)
         nn.init.constant_(self.linear.bias[:channels], 1.0)
         nn.init.zeros_(self.linear.bias[channels:])
 
-    def forward(self, a, denoise):  # a (B, D, F), denoise (B,) or (B, F) bool -> (B, D, F)
+    def forward(self, a, denoise):  # a (B, D, L), denoise (B,) or (B, L) bool -> (B, D, L)
         if denoise.dim() == 1:
-            denoise = denoise[:, None].expand(-1, a.shape[-1])  # (B, F): one mode for the whole example
-        gamma, beta = self.linear(F.one_hot(denoise.long(), 2).to(a.dtype)).chunk(2, dim=-1)  # (B, F, D) each
+            denoise = denoise[:, None].expand(-1, a.shape[-1])  # (B, L): one mode per example
+        onehot = F.one_hot(denoise.long(), 2).to(a.dtype)  # (B, L, 2)
+        gamma, beta = self.linear(onehot).chunk(2, dim=-1)  # (B, L, D) each
         return gamma.transpose(1, 2) * a + beta.transpose(1, 2)
 
-
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Residual vector quantizer (§III-C, Algorithm 1)
 
 
-def _is_distributed():
+def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
 class VectorQuantizer(nn.Module):
     """One codebook Q_i of Algorithm 1, learnt without gradients (§III-C):
-    - EMA updates of the codebook as in VQ-VAE-2 [32] (VQ-VAE [31] App. A.1): counts and sums of the vectors
-      assigned to each entry are smoothed over batches and the entry is their ratio;
+    - EMA updates as in VQ-VAE-2 [32]: smoothed counts and sums of the vectors assigned to each
+      entry, the entry being their ratio;
     - k-means on the first training batch instead of a random initialization;
-    - an entry whose EMA assignment count falls below 2 is replaced by a random input vector of the batch, "as
-      proposed in [34]" (Jukebox, Dhariwal et al. 2020).
-    Under DDP the counts and sums are all-reduced and every random choice is made on rank 0 and broadcast, so
-    the codebooks stay identical on every rank."""
+    - an entry whose EMA count falls below 2 is replaced by a random vector of the batch ([34]).
+    Under DDP counts and sums are all-reduced and random choices are broadcast from rank 0, so
+    the codebooks stay identical on every rank. No host synchronisation on the hot path."""
 
     def __init__(self, dim, size, decay, threshold, kmeans_iters):
         super().__init__()
-        self.size, self.decay, self.threshold, self.kmeans_iters = size, decay, threshold, kmeans_iters
-        self.eps = 1e-5  # Laplace smoothing of the counts, as the VQ-VAE-2 reference EMA code (Sonnet) does
-        # random until k-means on the first training batch replaces them (§III-C); an untrained model's latents
-        # are far from these entries, so its codes carry almost nothing
-        self.register_buffer("codebook", torch.randn(size, dim))       # (K, D)
-        self.register_buffer("cluster_size", torch.zeros(size))        # (K,) EMA of assignment counts
-        self.register_buffer("embed_sum", torch.zeros(size, dim))      # (K, D) EMA of assigned vector sums
+        self.size, self.decay, self.threshold = size, decay, threshold
+        self.kmeans_iters = kmeans_iters
+        self.eps = 1e-5  # Laplace smoothing of the counts, as Sonnet's VQ-VAE-2 EMA code
+        self.register_buffer("codebook", torch.randn(size, dim))  # (K, D), until k-means
+        self.register_buffer("cluster_size", torch.zeros(size))  # (K,) EMA of assignment counts
+        self.register_buffer("embed_sum", torch.zeros(size, dim))  # (K, D) EMA of assigned sums
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("replaced", torch.zeros((), dtype=torch.long), persistent=False)
+        self.checked = False  # `initialized` has been read once (reading it syncs with a GPU)
 
     def nearest(self, z):  # z (N, D) -> codes (N,)
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term is the same for every entry
-        dist_ = -2 * z @ self.codebook.t() + self.codebook.pow(2).sum(1)  # (N, K)
-        return dist_.argmin(dim=1)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for every entry
+        return (self.codebook.pow(2).sum(1) - 2 * z @ self.codebook.t()).argmin(dim=1)  # (N,)
 
     def lookup(self, codes):  # codes (...) -> vectors (..., D)
         return F.embedding(codes, self.codebook)
 
+    def random_rows(self, z):  # (N, D) -> (K, D): rows of z drawn with replacement, same on ranks
+        rows = z[torch.randint(len(z), (self.size,), device=z.device)]
+        if is_distributed():
+            dist.broadcast(rows, src=0)
+        return rows
+
     @torch.no_grad()
-    def kmeans_init(self, z):  # z (N, D): this process's frames of the first batch
-        if _is_distributed():  # "the first training batch" is the union of every rank's share (equal shares)
+    def kmeans_init(self, z):  # z (N, D): this rank's frames of the first batch
+        if is_distributed():  # "the first training batch" is every rank's share
             parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, z)
             z = torch.cat(parts)  # (world * N, D)
-        if not _is_distributed() or dist.get_rank() == 0:
-            # our choice: start from random frames of the batch (drawn with replacement, in case N < K)
-            self.codebook.copy_(z[torch.randint(len(z), (self.size,), device=z.device)])  # (K, D)
-            for _ in range(self.kmeans_iters):  # Lloyd's algorithm
-                codes = self.nearest(z)  # (N,)
-                counts = torch.bincount(codes, minlength=self.size).to(z.dtype)  # (K,)
-                sums = torch.zeros_like(self.codebook).index_add_(0, codes, z)  # (K, D)
-                self.codebook.copy_(torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None],
-                                                self.codebook))  # an empty cluster keeps its centroid
-            # our choice: the EMA statistics start from the final clustering, counted over the whole batch like the
-            # updates (the paper does not say how they start)
-            self.cluster_size.copy_(torch.bincount(self.nearest(z), minlength=self.size).to(z.dtype))
-            self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
-        if _is_distributed():  # rank 0's result everywhere
+        self.codebook.copy_(self.random_rows(z))  # our choice: start from random frames
+        for _ in range(self.kmeans_iters):  # Lloyd's algorithm, the same on every rank
+            codes = self.nearest(z)  # (N,)
+            counts = torch.bincount(codes, minlength=self.size).to(z.dtype)  # (K,)
+            sums = torch.zeros_like(self.codebook).index_add_(0, codes, z)  # (K, D)
+            mean = sums / counts.clamp(min=1)[:, None]
+            self.codebook.copy_(torch.where(counts[:, None] > 0, mean, self.codebook))
+        # our choice: every entry starts as a replaced one does (below), as `threshold` assignments
+        # of itself, so an entry that the next batches stop choosing is replaced at once. Counted
+        # from the batch (~5 per entry in the tiny preset) it would linger for ~90 steps of decay
+        # while the young encoder's latent grows (15x in the first 50 steps, measured).
+        self.cluster_size.fill_(self.threshold)
+        self.embed_sum.copy_(self.codebook * self.threshold)
+        if is_distributed():  # rank 0's result everywhere (CUDA's index_add_ is not deterministic)
             for b in (self.codebook, self.cluster_size, self.embed_sum):
                 dist.broadcast(b, src=0)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def ema_update(self, z, codes):  # z (N, D), codes (N,)
-        counts = torch.bincount(codes, minlength=self.size).to(z.dtype)  # (K,) frames assigned to each entry
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, z)  # (K, D) and their sum
-        if _is_distributed():
+        counts = torch.bincount(codes, minlength=self.size).to(z.dtype)  # (K,)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, z)  # (K, D)
+        if is_distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n  # never zero
+        smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n  # never 0
         self.codebook.copy_(self.embed_sum / smoothed[:, None])
-        # dead codes: the same decision on every rank, because cluster_size is all-reduced
-        dead = self.cluster_size < self.threshold  # (K,)
-        if dead.any():
-            new = z[torch.randint(len(z), (self.size,), device=z.device)]  # (K, D) candidates from the batch
-            if _is_distributed():
-                dist.broadcast(new, src=0)
-            self.codebook[dead] = new[dead]
-            # our choice: restart the statistics consistently: the entry counts as `threshold` assignments of
-            # itself; it is replaced again at the next step unless at least `threshold` inputs choose it
-            # (0.99 * 2 + 0.01 n >= 2)
-            self.cluster_size[dead] = self.threshold
-            self.embed_sum[dead] = new[dead] * self.threshold
+        # dead codes: the same decision on every rank (cluster_size is all-reduced). Written with
+        # torch.where, not `if dead.any()`, which would wait for the GPU once per quantizer.
+        dead = (self.cluster_size < self.threshold)[:, None]  # (K, 1)
+        new = self.random_rows(z)  # (K, D) candidates from the batch
+        self.codebook.copy_(torch.where(dead, new, self.codebook))
+        # our choice: a new entry counts as `threshold` assignments of itself, so it is replaced
+        # again unless at least `threshold` frames choose it (0.99 * 2 + 0.01 n >= 2)
+        self.cluster_size.copy_(torch.where(dead[:, 0], self.threshold, self.cluster_size))
+        self.embed_sum.copy_(torch.where(dead, new * self.threshold, self.embed_sum))
+        self.replaced += dead.sum()
 
     def forward(self, z):  # z (N, D) -> codes (N,), quantized (N, D)
-        if self.training and not self.initialized:
-            self.kmeans_init(z)
+        if self.training and not self.checked:
+            if not self.initialized:
+                self.kmeans_init(z)
+            self.checked = True
         codes = self.nearest(z)
         quantized = self.lookup(codes)
         if self.training:
@@ -379,116 +416,116 @@ class VectorQuantizer(nn.Module):
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Algorithm 1: y_hat = sum_i Q_i(residual_i), residual_{i+1} = residual_i - Q_i(residual_i).
+    """Algorithm 1: y_hat = sum_i Q_i(r_i), r_1 = z, r_{i+1} = r_i - Q_i(r_i).
 
-    Quantizer dropout (§III-C): during training each example uses its own n_q ~ U{1..N_q}: its decoder input and
-    its commitment loss use Q_1..Q_{n_q} only. DEVIATION 5: every quantizer still runs, and updates its codebook,
-    on every frame (the paper: "only use quantizers Q_i for i = 1..n_q"). The residual seen by Q_i does not
-    depend on later quantizers, so the decoder receives the same z_q either way, while each codebook keeps
-    receiving all frames: with per-example dropout, Q_24 would see 1/24 of them and the "count below 2" rule
-    would discard most of its entries at every step."""
+    Quantizer dropout (§III-C): in training each example draws n_q ~ U{1..N_q}; its decoder input
+    and commitment term use Q_1..Q_{n_q} only. DEVIATION 5: every quantizer still runs, and
+    updates its codebook, on every frame. r_i does not depend on later quantizers, so the decoder
+    gets the same z_q either way, while Q_24 would otherwise see 1/24 of the frames and the
+    "count below 2" rule would discard most of its entries at every step."""
 
     def __init__(self, cfg):
         super().__init__()
         self.dropout = cfg.quantizer_dropout
         self.layers = nn.ModuleList(
-            VectorQuantizer(cfg.latent_dim, cfg.codebook_size, cfg.ema_decay, cfg.dead_code_threshold,
-                            cfg.kmeans_iters) for _ in range(cfg.num_quantizers))
+            VectorQuantizer(cfg.latent_dim, cfg.codebook_size, cfg.ema_decay,
+                            cfg.dead_code_threshold, cfg.kmeans_iters)
+            for _ in range(cfg.num_quantizers))
 
     def forward(self, z, n_q=None):
-        """z (B, D, F) -> z_q (B, D, F) with straight-through gradients, codes (B, Q, F), commitment loss."""
-        B, D, Fr = z.shape
+        """z (B, D, L) -> z_q (B, D, L) (straight-through), codes (B, Q, L), commitment loss.
+        n_q: None (training: dropout; else all), an int, or a (B,) tensor of per-example counts."""
+        B, D, L = z.shape
         N_q = len(self.layers)
-        if self.training and self.dropout:
-            n_q_b = torch.randint(1, N_q + 1, (B,), device=z.device)  # (B,) quantizer dropout
-            run = N_q
+        if torch.is_tensor(n_q):
+            n_q_b, run = n_q.to(z.device), N_q  # given per example (the tests use this)
+        elif n_q is None and self.training and self.dropout:
+            n_q_b, run = torch.randint(1, N_q + 1, (B,), device=z.device), N_q  # (B,)
         else:
             run = n_q or N_q
-            n_q_b = torch.full((B,), run, device=z.device)
-        with torch.autocast(z.device.type, enabled=False):  # distances and EMA statistics in float32
-            residual = z.float().transpose(1, 2).reshape(B * Fr, D)  # (N, D), N = B*F
+            n_q_b = torch.full((B,), run, device=z.device)  # (B,)
+        with torch.autocast(z.device.type, enabled=False):  # distances and EMA in float32
+            residual = z.float().transpose(1, 2).reshape(B * L, D)  # (N, D)
             z_q = torch.zeros_like(residual)
-            codes, commit = [], []
+            codes, commit = [], residual.new_zeros(())
             for i, vq in enumerate(self.layers[:run]):
-                active = (n_q_b > i).float().repeat_interleave(Fr)[:, None]  # (N, 1): 1 where Q_i is used
-                code, q = vq(residual)  # (N,), (N, D)  DEVIATION 5: on every frame
+                active = (n_q_b > i).float().repeat_interleave(L)[:, None]  # (N, 1): uses Q_i
+                code, q = vq(residual)  # (N,), (N, D); DEVIATION 5: on every frame
                 z_q = z_q + active * q
-                if self.training and active.any():  # DEVIATION 4: the VQ-VAE commitment loss
-                    # ||r_i - sg(Q_i(r_i))||^2, averaged over the frames whose example uses Q_i
-                    commit.append(((residual - q).pow(2) * active).sum() / (active.sum() * D))
-                # Detaching q (not the residual) keeps the gradient path to the encoder for every r_i, so each
-                # quantizer's commitment loss reaches the encoder (cf. EnCodec issue #25, where it does not).
+                # DEVIATION 4: beta ||r_i - sg(Q_i(r_i))||^2, summed over D, averaged over the
+                # frames whose example uses Q_i, summed over i. The sum (not a mean over D and
+                # over quantizers, 24 * 128 times smaller) lets it hold the latent in place.
+                sq = (residual - q).pow(2).sum(1, keepdim=True)  # (N, 1)
+                commit = commit + (sq * active).sum() / active.sum().clamp(min=1)
+                # Detach q, not r_i: every r_i keeps its gradient path to the encoder, so every
+                # quantizer's commitment term reaches it (cf. EnCodec issue #25, where it does not).
                 residual = residual - q.detach()
-                codes.append(code.view(B, Fr))
-            z_q = z_q.view(B, Fr, D).transpose(1, 2)  # (B, D, F)
-        z_q = z + (z_q - z).detach()  # straight-through estimator: the decoder's gradient goes to the encoder
-        codes = torch.stack(codes, dim=1)  # (B, Q, F)
-        commit = torch.stack(commit).mean() if commit else z.new_zeros(())  # mean over the quantizers in use
-        return z_q, codes, commit
+                codes.append(code.view(B, L))
+            z_q = z_q.view(B, L, D).transpose(1, 2)  # (B, D, L)
+        z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient reaches the encoder
+        return z_q, torch.stack(codes, dim=1), commit  # codes (B, Q, L)
 
-    def decode(self, codes):  # codes (B, Q, F) -> z_q (B, D, F)
-        z_q = sum(vq.lookup(codes[:, i]) for i, vq in enumerate(self.layers[:codes.shape[1]]))  # (B, F, D)
-        return z_q.transpose(1, 2)
+    def decode(self, codes):  # codes (B, Q, L) -> z_q (B, D, L)
+        z_q = sum(vq.lookup(codes[:, i]) for i, vq in enumerate(self.layers[:codes.shape[1]]))
+        return z_q.transpose(1, 2)  # (B, L, D) -> (B, D, L)
 
-
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The codec
 
 
 class SoundStream(nn.Module):
     """Encoder -> (FiLM) -> residual vector quantizer -> (FiLM) -> decoder (§III, Fig. 2).
 
-    The codec interface shared by every codec file: sample_rate, channels, frame_rate, num_codebooks,
-    codebook_size, encode(wav) -> codes (B, Q, F), decode(codes) -> wav (B, 1, F*M), forward for training,
-    save/load. Inputs of any length are right-padded with zeros to a multiple of M = prod(strides); decode
-    returns F*M samples (trim to the original length yourself, as `reconstruct` does)."""
+    The codec interface of every codec file: sample_rate, channels, frame_rate, num_codebooks,
+    codebook_size, encode(wav) -> codes (B, Q, L), decode(codes) -> wav (B, 1, L*M), forward for
+    training, save/load. Inputs of any length are right-padded to a multiple of M; decode returns
+    L*M samples (trim to the input's length, as `reconstruct` does)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        if cfg.film not in ("none", "encoder", "decoder"):
-            raise ValueError(f"film must be 'none', 'encoder' or 'decoder', got {cfg.film!r}")
+        check_config(cfg)
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quantizer = ResidualVectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
         self.film = FiLM(cfg.latent_dim) if cfg.film != "none" else None
 
-    # the codec interface
     sample_rate = property(lambda self: self.cfg.sample_rate)
-    channels = property(lambda self: 1)                                  # "a single channel recording" (§III)
-    hop_length = property(lambda self: math.prod(self.cfg.strides))      # M
-    frame_rate = property(lambda self: self.cfg.sample_rate / self.hop_length)  # 75 Hz for the paper preset
+    channels = property(lambda self: 1)  # "a single channel recording" (§III)
+    hop_length = property(lambda self: math.prod(self.cfg.strides))  # M
+    frame_rate = property(lambda self: self.cfg.sample_rate / self.hop_length)  # 75 Hz (paper)
     num_codebooks = property(lambda self: self.cfg.num_quantizers)
     codebook_size = property(lambda self: self.cfg.codebook_size)
 
     def bitrate(self, n_q=None):
-        """Bits per second with n_q quantizers: frame_rate * n_q * log2(K) (§III-C: 75 * 8 * 10 = 6 kbps)."""
+        """Bits per second with n_q quantizers: frame_rate * n_q * log2(K) (§III-C)."""
         return self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size)
 
     def n_q_for_bitrate(self, kbps):
-        n_q = int(round(kbps * 1000 / self.bitrate(1)))
-        if not 1 <= n_q <= self.num_codebooks:
-            raise ValueError(f"{kbps} kbps needs {n_q} quantizers; this model has 1..{self.num_codebooks} "
-                             f"({self.bitrate(1) / 1000:g}..{self.bitrate() / 1000:g} kbps)")
+        step = self.bitrate(1) / 1000
+        n_q = round(kbps / step)
+        if not 1 <= n_q <= self.num_codebooks or abs(n_q * step - kbps) > 1e-6:
+            raise ValueError(f"this model codes {step:g} to {self.num_codebooks * step:g} kbps in "
+                             f"steps of {step:g} ({self.num_codebooks} quantizers); got {kbps:g}")
         return n_q
 
-    def _check_wav(self, wav, sample_rate):
+    def check_wav(self, wav, sample_rate=None):
         if sample_rate is not None and sample_rate != self.sample_rate:
-            raise ValueError(f"SoundStream expects {self.sample_rate} Hz audio, got {sample_rate} Hz; resample "
-                             f"first (common.audio.resample(wav, {sample_rate}, {self.sample_rate}))")
+            raise ValueError(f"SoundStream expects {self.sample_rate} Hz audio, got "
+                             f"{sample_rate} Hz; resample first (common.audio.resample)")
         if not torch.is_tensor(wav) or not wav.is_floating_point() or wav.dim() != 3:
             raise ValueError(f"SoundStream expects a float tensor (batch, 1, samples), got "
                              f"{type(wav).__name__} {tuple(getattr(wav, 'shape', ()))}")
         if wav.shape[1] != 1:
-            raise ValueError(f"SoundStream is mono (§III: 'a single channel recording'); got {wav.shape[1]} channels "
-                             f"- mix down first, e.g. wav.mean(dim=1, keepdim=True)")
+            raise ValueError(f"SoundStream is mono (§III); got {wav.shape[1]} channels: mix down "
+                             f"first, e.g. wav.mean(dim=1, keepdim=True)")
         if wav.shape[-1] == 0:
             raise ValueError("SoundStream got an empty signal (0 samples)")
         if not torch.isfinite(wav).all():
             raise ValueError("SoundStream got NaN or Inf samples")
 
-    def _denoise(self, denoise, B, device):
-        """The denoising mode as (B,) or (B, F) bool, from a bool or a tensor; None for a model without FiLM."""
+    def denoise_mode(self, denoise, B, device):
+        """The denoising mode as a (B,) or (B, L) bool tensor; None for a model without FiLM."""
         if self.film is None:
             if denoise is not None and torch.as_tensor(denoise).any():
                 raise ValueError("this model has no denoising mode (trained with film='none')")
@@ -497,31 +534,30 @@ class SoundStream(nn.Module):
             return torch.full((B,), bool(denoise), device=device)
         return denoise.to(device)
 
-    def _encode_latent(self, wav, denoise):  # wav (B, 1, T) -> z (B, D, F)
-        wav = F.pad(wav, (0, -wav.shape[-1] % self.hop_length))  # (B, 1, F*M)
-        z = self.encoder(wav)  # (B, D, F)
-        if self.cfg.film == "encoder":
-            z = self.film(z, denoise)  # denoise before quantization (§V-E "encoder side")
-        return z
+    def encode_latent(self, wav, denoise):  # wav (B, 1, T) -> z (B, D, L)
+        wav = F.pad(wav, (0, -wav.shape[-1] % self.hop_length))  # (B, 1, L*M)
+        z = self.encoder(wav)  # (B, D, L)
+        return self.film(z, denoise) if self.cfg.film == "encoder" else z  # §V-E "encoder side"
 
-    def _decode_latent(self, z_q, denoise):  # z_q (B, D, F) -> (B, 1, F*M)
+    def decode_latent(self, z_q, denoise):  # z_q (B, D, L) -> (B, 1, L*M)
         if self.cfg.film == "decoder":
             z_q = self.film(z_q, denoise)
         return self.decoder(z_q)
 
-    def forward(self, wav, denoise=None, sample_rate=None):
-        """Training pass. wav (B, 1, T) -> x_hat (B, 1, T), codes (B, N_q, F), {"commit": loss}."""
-        self._check_wav(wav, sample_rate)
-        denoise = self._denoise(denoise, wav.shape[0], wav.device)
-        z = self._encode_latent(wav, denoise)
-        z_q, codes, commit = self.quantizer(z)
-        x_hat = self._decode_latent(z_q, denoise)[..., :wav.shape[-1]]
-        return x_hat, codes, {"commit": commit}
+    def forward(self, wav, denoise=None, n_q=None):
+        """Training pass: wav (B, 1, T) -> x_hat (B, 1, T), codes (B, N_q, L), and a dict with
+        the commitment loss and the latent's RMS (a diagnostic)."""
+        self.check_wav(wav)
+        denoise = self.denoise_mode(denoise, wav.shape[0], wav.device)
+        z = self.encode_latent(wav, denoise)
+        z_q, codes, commit = self.quantizer(z, n_q)
+        x_hat = self.decode_latent(z_q, denoise)[..., :wav.shape[-1]]
+        return x_hat, codes, {"commit": commit, "latent_rms": z.detach().pow(2).mean().sqrt()}
 
     @torch.no_grad()
     def encode(self, wav, n_q=None, denoise=False, sample_rate=None):
-        """wav (B, 1, T) at self.sample_rate -> codes (B, n_q, ceil(T / M)) int64. n_q defaults to all."""
-        self._check_wav(wav, sample_rate)
+        """wav (B, 1, T) -> codes (B, n_q, ceil(T / M)) int64; n_q defaults to all."""
+        self.check_wav(wav, sample_rate)
         if n_q is not None and not 1 <= n_q <= self.num_codebooks:
             raise ValueError(f"n_q must be in 1..{self.num_codebooks}, got {n_q}")
         if self.encoder[0].streaming and wav.shape[-1] % self.hop_length:
@@ -529,32 +565,32 @@ class SoundStream(nn.Module):
                              f"got {wav.shape[-1]}")
         was_training = self.training
         self.eval()  # never update codebooks while encoding
-        z = self._encode_latent(wav, self._denoise(denoise, wav.shape[0], wav.device))
-        _, codes, _ = self.quantizer(z, n_q)
+        z = self.encode_latent(wav, self.denoise_mode(denoise, wav.shape[0], wav.device))
+        codes = self.quantizer(z, n_q)[1]
         self.train(was_training)
         return codes
 
     @torch.no_grad()
     def decode(self, codes, denoise=False):
-        """codes (B, Q, F) with 1 <= Q <= N_q and ids in [0, K) -> wav (B, 1, F * M)."""
+        """codes (B, Q, L), 1 <= Q <= N_q, ids in [0, K) -> wav (B, 1, L * M)."""
         if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.dim() != 3:
             raise ValueError(f"codes must be an integer tensor (batch, codebooks, frames), got "
-                             f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}")
+                             f"{getattr(codes, 'dtype', type(codes).__name__)} "
+                             f"{tuple(getattr(codes, 'shape', ()))}")
         if not 1 <= codes.shape[1] <= self.num_codebooks:
-            raise ValueError(f"codes have {codes.shape[1]} codebooks; this model has 1..{self.num_codebooks}")
+            raise ValueError(f"codes have {codes.shape[1]} codebooks; this model has "
+                             f"1..{self.num_codebooks}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"code ids must be in [0, {self.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         z_q = self.quantizer.decode(codes.long())
-        return self._decode_latent(z_q, self._denoise(denoise, codes.shape[0], codes.device))
+        return self.decode_latent(z_q, self.denoise_mode(denoise, codes.shape[0], codes.device))
 
     @contextlib.contextmanager
     def streaming(self):
-        """Inside this block, encode/decode calls continue one stream: every causal conv keeps its left context
-        between calls (§III-A: "no padding is used in streaming inference"). Chunks must be multiples of M
-        samples (encode) or whole frames (decode); outputs equal the offline call on the concatenated input.
-        Every call of the model's convolutions inside the block (model.encoder(x) too) continues that stream:
-        run offline calls outside it."""
+        """Inside this block encode/decode calls continue one stream: every causal conv keeps its
+        left context between calls (§III-A). Chunks must be multiples of M samples (encode) or
+        whole frames (decode); outputs equal the offline call on the concatenated input."""
         convs = [m for m in self.modules() if isinstance(m, (CausalConv1d, CausalConvTranspose1d))]
         for m in convs:
             m.streaming, m.state = True, None
@@ -565,57 +601,26 @@ class SoundStream(nn.Module):
                 m.streaming, m.state = False, None
 
     def save(self, path):
-        """Inference checkpoint: config + weights (+ codebook buffers)."""
-        _atomic_save({"model": "soundstream", "config": dataclasses.asdict(self.cfg),
-                      "state_dict": self.state_dict()}, path)
+        """Inference checkpoint: the model config and the weights (with the codebooks)."""
+        atomic_save({"model": NAME, "config": dataclasses.asdict(self.cfg),
+                     "state_dict": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path, map_location="cpu"):
-        ckpt = _load_checkpoint(path, map_location)
-        key = "state_dict" if "state_dict" in ckpt else "generator"  # model.pt or a training ckpt.pt
-        model = cls(config_from_dict(ckpt["config"]))
-        model.load_state_dict(ckpt[key])
+        """model.pt or a training ckpt.pt -> the model, in eval mode."""
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(config_from_dict(Config, ckpt["config"], path))
+        model.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt["generator"])
         return model.eval()
 
-
-def _atomic_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
-
-
-def _load_checkpoint(path, map_location="cpu"):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)  # a checkpoint is data, not code
-    except Exception as e:  # torch's own message (many lines, advice to set weights_only=False) would mislead
-        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read ({type(e).__name__}); "
-                         f"expected the model.pt or ckpt.pt that --train writes") from None
-    if not isinstance(ckpt, dict) or ckpt.get("model") != "soundstream":
-        kind = ckpt.get("model", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is a {kind!r} checkpoint, not a SoundStream one")
-    return ckpt
-
-
-def config_from_dict(d):
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config fields {sorted(unknown)}")
-    return Config(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items()})
-
-
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Discriminators (§III-D)
 
 
 class WaveDiscriminator(nn.Module):
-    """One scale of the wave-based discriminator: the MelGAN discriminator block [15] that §III-D reuses: an
-    initial plain conv, four grouped convs (group size 4, stride 4, channels x4 up to 1024), two plain convs.
-    Kernel sizes 15/41/5/3, reflection padding, LeakyReLU(0.2) and weight norm come from MelGAN (App. A)."""
+    """One scale of the wave-based discriminator: MelGAN's block [15] that §III-D reuses. A plain
+    conv, four grouped convs (groups of 4, stride 4, channels x4 up to 1024), two plain convs.
+    Kernels 15/41/5/3, reflection padding, LeakyReLU(0.2) and weight norm: MelGAN (App. A)."""
 
     def __init__(self, channels=16, max_channels=1024):
         super().__init__()
@@ -629,7 +634,7 @@ class WaveDiscriminator(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.out = weight_norm(nn.Conv1d(c, 1, 3, padding=1))
 
-    def forward(self, x):  # (B, 1, T) -> logits (B, T_k), features [(B, C_l, T_kl)]
+    def forward(self, x):  # (B, 1, T) -> logits (B, T_k), features [(B, C_l, T_kl)] x 6
         features = []
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.2)
@@ -638,8 +643,8 @@ class WaveDiscriminator(nn.Module):
 
 
 class ResidualUnit2d(nn.Module):
-    """Fig. 4 residual block: conv 3x3 to N channels, then conv (s_t+2)x(s_f+2) with stride (s_t, s_f) to m*N.
-    The shortcut is a strided 1x1 conv (our choice: Fig. 4's skip must change shape too)."""
+    """Fig. 4 residual block: conv 3x3 to N channels, then conv (s_t+2)x(s_f+2) with stride
+    (s_t, s_f) to m*N. The shortcut is a strided 1x1 conv (our choice: the skip changes shape)."""
 
     def __init__(self, in_ch, N, m, stride):
         super().__init__()
@@ -651,15 +656,14 @@ class ResidualUnit2d(nn.Module):
     def forward(self, x):  # (B, in_ch, t, f) -> (B, m*N, ~t/s_t, f/s_f)
         y = self.conv2(F.leaky_relu(self.conv1(x), 0.2))
         s = self.skip(x)
-        return y + s[..., :y.shape[-2], :y.shape[-1]]  # the 1x1 path rounds odd lengths up: crop to match
+        return y + s[..., :y.shape[-2], :y.shape[-1]]  # the 1x1 path rounds odd lengths up
 
 
 class STFTDiscriminator(nn.Module):
-    """§III-D, Fig. 4: complex STFT (W = 1024, H = 256) as real and imaginary channels, a 7x7 conv to 32
-    channels, six residual blocks alternating strides (1, 2) and (2, 2), and a 1 x F/2^6 conv that aggregates
-    the frequency axis into one logit per (down-sampled) frame. The paper's F = W/2 bins: we drop the Nyquist
-    bin. Activations (LeakyReLU 0.2, as the wave discriminator), weight norm, the Hann window and centred frames
-    (torch.stft's default padding) are our choices."""
+    """§III-D, Fig. 4: the complex STFT (W = 1024, H = 256) as real and imaginary channels, a 7x7
+    conv to 32 channels, six residual blocks with strides alternating (1, 2) and (2, 2), and a
+    1 x F/2^6 conv to one logit per (down-sampled) frame. F = W/2 bins: the Nyquist bin is
+    dropped. LeakyReLU 0.2, weight norm, Hann window, centred frames: our choices."""
 
     def __init__(self, channels=32, window=1024, hop=256):
         super().__init__()
@@ -667,7 +671,7 @@ class STFTDiscriminator(nn.Module):
         self.register_buffer("hann", torch.hann_window(window), persistent=False)
         C = channels
         self.conv_in = weight_norm(nn.Conv2d(2, C, 7, padding=3))
-        spec = [(C, 2, (1, 2)), (2 * C, 2, (2, 2)), (4 * C, 1, (1, 2)),  # (N, m, (s_t, s_f)) of Fig. 4
+        spec = [(C, 2, (1, 2)), (2 * C, 2, (2, 2)), (4 * C, 1, (1, 2)),  # (N, m, stride), Fig. 4
                 (4 * C, 2, (2, 2)), (8 * C, 1, (1, 2)), (8 * C, 2, (2, 2))]
         blocks, in_ch = [], C
         for N, m, s in spec:
@@ -676,31 +680,30 @@ class STFTDiscriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = weight_norm(nn.Conv2d(in_ch, 1, (1, window // 2 // 2 ** 6)))  # 1 x F/2^6
 
-    def forward(self, x):  # (B, 1, T) -> logits (B, T/(H*8)), features [(B, C_l, t_l, f_l)]
+    def forward(self, x):  # (B, 1, T) -> logits (B, frames/8), features [(B, C_l, t_l, f_l)] x 7
         spec = torch.stft(x.squeeze(1).float(), self.window, self.hop, window=self.hann,
                           return_complex=True)  # (B, W/2 + 1, frames)
-        spec = torch.view_as_real(spec[:, :-1]).permute(0, 3, 2, 1)  # (B, 2, frames, W/2): real|imag, time, freq
-        # .contiguous(): the permuted view has channels-last strides, and torch 2.13's CPU conv2d backward in that
-        # memory format corrupts the heap on these blocks (found here: "free(): invalid next size")
-        spec = spec.contiguous()
-        x = F.leaky_relu(self.conv_in(spec), 0.2)
+        spec = torch.view_as_real(spec[:, :-1]).permute(0, 3, 2, 1)  # (B, 2, frames, W/2)
+        # .contiguous(): torch 2.13's CPU conv2d backward corrupts the heap on this channels-last
+        # view ("free(): invalid next size", found here)
+        x = F.leaky_relu(self.conv_in(spec.contiguous()), 0.2)
         features = [x]
         for block in self.blocks:
             x = F.leaky_relu(block(x), 0.2)
             features.append(x)
-        return self.conv_out(x).squeeze(3).squeeze(1), features  # (B, frames / 8)
+        return self.conv_out(x).squeeze(3).squeeze(1), features
 
 
 class Discriminators(nn.Module):
-    """k = 0: the STFT discriminator; k = 1..3: the wave discriminator at the original rate and down-sampled 2x and
-    4x (§III-D). Down-sampling by average pooling, as in MelGAN. One forward returns every (logits, features)."""
+    """k = 0: the STFT discriminator; k = 1..3: the wave discriminator at the original rate and
+    down-sampled 2x and 4x by average pooling, as MelGAN (§III-D)."""
 
-    def __init__(self, cfg):
+    def __init__(self, run):
         super().__init__()
-        self.stft = STFTDiscriminator(cfg.stft_disc_channels, cfg.stft_window, cfg.stft_hop)
-        self.waves = nn.ModuleList(WaveDiscriminator(cfg.wave_disc_channels, cfg.wave_disc_max_channels)
-                                   for _ in range(3))
-        self.pool = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)  # MelGAN's 2x down-sampling
+        self.stft = STFTDiscriminator(run.stft_disc_channels, run.stft_window, run.stft_hop)
+        self.waves = nn.ModuleList(WaveDiscriminator(run.wave_disc_channels,
+                                                     run.wave_disc_max_channels) for _ in range(3))
+        self.pool = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)  # MelGAN's 2x
 
     def forward(self, x):  # (B, 1, T) -> [(logits (B, T_k), [features])] for k = 0..3
         outputs = [self.stft(x)]
@@ -710,85 +713,121 @@ class Discriminators(nn.Module):
                 x = self.pool(x)  # (B, 1, T / 2), then T / 4
         return outputs
 
-
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Losses (§III-E)
 
 
 def discriminator_loss(real, fake):
-    """Eq. 1: hinge loss, averaged over time and over the discriminators."""
+    """Eq. 1: hinge loss, averaged over time and over the discriminators (DEVIATION 2)."""
     per_disc = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for (r, _), (f, _) in zip(real, fake)]
-    return sum(per_disc) / len(per_disc)  # DEVIATION 2: divided by the 4 discriminators, not by K = 3
+    return sum(per_disc) / len(per_disc)
 
 
 def adversarial_loss(fake):
-    """Eq. 2: the generator's hinge loss max(0, 1 - D(G(x))), averaged over time and discriminators."""
-    return sum(F.relu(1 - f).mean() for f, _ in fake) / len(fake)  # DEVIATION 2, as in Eq. 1
+    """Eq. 2: max(0, 1 - D_k(G(x))), averaged over time and over the discriminators."""
+    return sum(F.relu(1 - f).mean() for f, _ in fake) / len(fake)
 
 
 def feature_loss(real, fake):
-    """Eq. 3: mean absolute difference of every internal layer's output for x and G(x) (all layers but the
-    logits), averaged over the layers of each discriminator and over the discriminators."""
-    per_disc = [sum((fr.detach() - ff).abs().mean() for fr, ff in zip(r, f)) / len(r)  # 1/L_k: 7 or 6 layers
+    """Eq. 3: mean |D_k^l(x) - D_k^l(G(x))| over every internal layer l (not the logits),
+    averaged over each discriminator's own layers, then over the discriminators (DEVIATION 2)."""
+    per_disc = [sum((fr.detach() - ff).abs().mean() for fr, ff in zip(r, f)) / len(r)
                 for (_, r), (_, f) in zip(real, fake)]
-    return sum(per_disc) / len(per_disc)  # DEVIATION 2: 1/(K L) read as a mean over layers, then discriminators
+    return sum(per_disc) / len(per_disc)
 
 
-def reconstruction_loss(x, x_hat, cfg):
-    """Eqs. 4-5: sum over scales s of ||S^s(x) - S^s(x_hat)||_1 + alpha_s ||log S^s(x) - log S^s(x_hat)||_2, with
-    S^s a 64-bin mel spectrogram (window s, hop s/4) and alpha_s = sqrt(s/2) (Gritsenko et al. [48]). The norms
-    are taken over the mel bins of each frame (DEVIATION 1: frames are averaged, not summed). Mel scale and
-    window are our choices (HTK mel scale without area normalization, Hann window, magnitude spectrogram); the
-    log uses a floor of 1e-5 (our choice). Always float32, also under AMP: half precision cannot hold 1e-5."""
-    with torch.autocast(x.device.type, enabled=False):
-        x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
-        loss = 0.0
-        for s in cfg.mel_scales:
-            # 64 triangles over s/2 + 1 STFT bins: at s = 64 (33 bins) many mel bands are empty, as the paper's
-            # spec implies; they are 0 for both signals and add nothing
-            fb = mel_filterbank(cfg.sample_rate, s, cfg.mel_bins, htk=True, norm=None).to(x.device)  # (64, s/2+1)
-            window = torch.hann_window(s, device=x.device)
-            S_x, S_y = (fb @ torch.stft(v, s, s // 4, window=window, return_complex=True).abs()
-                        for v in (x, x_hat))  # (B, 64, frames) each
-            l1 = (S_x - S_y).abs().sum(dim=1)  # (B, frames): Eq. 4, ||.||_1 over the mel bins
-            log_diff = S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()  # (B, 64, frames)
-            l2 = (log_diff.pow(2).sum(dim=1) + 1e-12).sqrt()  # (B, frames): Eq. 5; DEVIATION 3: epsilon in the sqrt
-            loss = loss + (l1 + math.sqrt(s / 2) * l2).mean()  # DEVIATION 1: mean over frames (and the batch)
-    return loss
+class ReconstructionLoss(nn.Module):
+    """Eqs. 4-5, normalised (DEVIATION 1): for each scale s, S^s is a 64-band mel spectrogram
+    (window s, hop s/4) of the STFT magnitude divided by the window's sum, each band the mean of
+    its bins; the term is mean|S_x - S_y| + alpha_s * RMS(log S_x - log S_y), alpha_s = sqrt(s/2)
+    (Gritsenko et al. [48]), the norms over the bands, then averaged over frames and scales.
+    HTK mel scale, Hann window and the log floor 1e-5 are our choices. Filterbanks and windows
+    are buffers. Always float32, also under AMP (half precision cannot hold the 1e-5 floor)."""
+
+    def __init__(self, sample_rate, scales, n_mels):
+        super().__init__()
+        self.scales = tuple(scales)
+        for s in self.scales:
+            fb = mel_filterbank(sample_rate, s, n_mels, htk=True, norm=None)  # (64, s/2 + 1)
+            # a band is the mean of its bins; empty bands (s = 64 has 33 bins) stay 0 and add 0
+            self.register_buffer(f"fb{s}", fb / fb.sum(1, keepdim=True).clamp(min=1e-12), False)
+            window = torch.hann_window(s)
+            self.register_buffer(f"win{s}", window / window.sum(), persistent=False)
+
+    def mel(self, x, s):  # x (B, T) -> S^s (B, 64, frames)
+        window = getattr(self, f"win{s}")
+        spec = torch.stft(x, s, s // 4, window=window, return_complex=True).abs()  # (B, s/2+1, fr)
+        return getattr(self, f"fb{s}") @ spec
+
+    def forward(self, x, x_hat):  # (B, 1, T) each -> scalar
+        with torch.autocast(x.device.type, enabled=False):
+            x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
+            loss = 0.0
+            for s in self.scales:
+                S_x, S_y = self.mel(x, s), self.mel(x_hat, s)  # (B, 64, frames) each
+                l1 = (S_x - S_y).abs().mean(dim=1)  # (B, frames): Eq. 4's L1, a mean over bands
+                log_diff = S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()
+                l2 = (log_diff.pow(2).mean(dim=1) + 1e-12).sqrt()  # (B, frames); DEVIATION 3
+                loss = loss + (l1 + math.sqrt(s / 2) * l2).mean()  # Eq. 5's alpha_s
+        return loss / len(self.scales)
 
 
-def loss_weights(cfg):
+def loss_weights(run):
     """Eq. 6 plus the commitment term, keyed by the names in the training log."""
-    return {"adv": cfg.lambda_adv, "feat": cfg.lambda_feat, "rec": cfg.lambda_rec, "commit": cfg.commitment_weight}
+    return {"adv": run.lambda_adv, "feat": run.lambda_feat, "rec": run.lambda_rec,
+            "commit": run.commitment_weight}
 
-
-# -----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Noise for joint compression and enhancement (§III-F, §IV-A)
 
 
-def coloured_noise(shape, generator):
-    """Our stand-in for Freesound noise when no --noise_dir is given: Gaussian noise with a random spectral slope
-    between -6 dB/octave (brown) and +3 dB/octave (blue), drawn per example."""
-    n = torch.randn(shape, generator=generator)  # (B, 1, T)
-    spec = torch.fft.rfft(n)  # (B, 1, T/2 + 1)
-    f = torch.arange(spec.shape[-1], dtype=torch.float32).clamp(min=1)  # bin index, a proxy for frequency
-    slope = torch.empty(shape[0], 1, 1).uniform_(-6, 3, generator=generator)  # dB per octave
-    spec = spec * (f.log2() * slope / 20 * math.log(10)).exp()  # amplitude = 10^(slope * log2(f) / 20)
+def coloured_noise(length, generator):
+    """Our stand-in for Freesound noise when no --noise_dir is given: Gaussian noise (1, T) with a
+    random spectral slope between -6 dB/octave (brown) and +3 dB/octave (blue)."""
+    spec = torch.fft.rfft(torch.randn(1, length, generator=generator))  # (1, T/2 + 1)
+    octave = torch.arange(spec.shape[-1], dtype=torch.float32).clamp(min=1).log2()  # of the bin
+    slope = torch.empty(()).uniform_(-6, 3, generator=generator)  # dB per octave
+    spec = spec * 10 ** (slope * octave / 20)
     spec[..., 0] = 0  # no DC offset
-    return torch.fft.irfft(spec, n=shape[-1])  # (B, 1, T)
+    return torch.fft.irfft(spec, n=length)  # (1, T)
 
 
-def mix_noise(clean, noise, cfg, generator):
-    """Build (inputs, targets, denoise) tuples (§III-F) from a batch of clean crops:
-    a share of the examples (cfg.noisy_fraction, our choice) gets noise at a gain uniform in [-30 dB, 0 dB]
-    relative to the peak-normalized speech (§IV-A); denoise is on for half of the examples (our choice);
-    targets are the clean speech when denoise is on and the input otherwise (§III-F). Clean (B, 1, T) and
-    noise (B, 1, T) in; inputs, targets (B, 1, T) and denoise (B,) bool out."""
+class SpeechAndNoise(torch.utils.data.Dataset):
+    """Training crops (1, T) with a noise crop (1, T) each: from the files of `noise_dir`, or
+    coloured noise. Like AudioDataset, a pure function of (seed, epoch, index): a resumed run
+    sees the same noise. Noise is read here, in the DataLoader's workers."""
+
+    def __init__(self, speech, noise_files):
+        self.speech, self.noise_files = speech, noise_files
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.speech.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.speech)
+
+    def __getitem__(self, index):
+        clean = self.speech[index]  # (1, T)
+        g = self.speech._generator(index)
+        g.manual_seed((g.initial_seed() + 1) % 2 ** 63)  # our choice: apart from the crop's stream
+        if not self.noise_files:
+            return clean, coloured_noise(clean.shape[-1], g)
+        path = self.noise_files[int(torch.randint(len(self.noise_files), (), generator=g))]
+        noise = load(path, self.speech.sample_rate, 1)[0]  # (1, T_noise)
+        return clean, random_crop(noise, clean.shape[-1], g)
+
+
+def mix_noise(clean, noise, noisy_fraction, generator):
+    """(inputs, targets, denoise) of §III-F from clean (B, 1, T) and noise (B, 1, T) crops.
+    A share of the examples (our choice) gets noise at a gain uniform in [-30, 0] dB relative to
+    the peak-normalised speech (§IV-A); denoise is on for half of them (our choice); targets are
+    the clean speech when denoise is on, the input otherwise (§III-F)."""
     B = clean.shape[0]
     clean = peak_normalize(clean)
     gain = 10 ** (torch.empty(B, 1, 1).uniform_(-30, 0, generator=generator) / 20)  # §IV-A
-    noisy = (torch.rand(B, 1, 1, generator=generator) < cfg.noisy_fraction).float()
-    # our reading: the gain is relative to a peak-normalized noise (§IV-A normalizes the speech, not the noise)
+    noisy = (torch.rand(B, 1, 1, generator=generator) < noisy_fraction).float()
+    # our reading: the gain is relative to peak-normalised noise (§IV-A normalises the speech)
     inputs = clean + noisy * gain * peak_normalize(noise)
     denoise = torch.rand(B, generator=generator) < 0.5  # our choice: either mode equally often
     targets = torch.where(denoise[:, None, None], clean, inputs)
@@ -796,30 +835,55 @@ def mix_noise(clean, noise, cfg, generator):
     peak = inputs.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1.0)  # (B, 1, 1)
     return inputs / peak, targets / peak, denoise
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# Training (plain PyTorch; DDP when launched by torchrun)
+# -------------------------------------------------------------------------------------------------
+# Training infrastructure. Generic: no model name inside, so that the other codec files carry
+# these blocks as verbatim `# Copied from soundstream.py: ...` copies (tests/test_copies.py).
 
 
 def setup_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # NCCL on GPUs, gloo on CPU
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # gloo on CPU
     return rank, world, device
 
 
+def busy_cores():
+    """Cores that other processes keep busy now: /proc/stat sampled 0.2 s apart (Linux), else
+    the 1-minute load average."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(0.2), sample()
+        return round(os.cpu_count() * (1 - (idle1 - idle0) / max(1, all1 - all0)))
+    except (OSError, IndexError, ValueError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
+def pick_threads(requested, world=1):
+    """CPU threads for this process: `requested`, or with 0 the cores other processes leave
+    idle. torch's threads spin-wait for one another: two threads on a 2-core machine with one
+    busy core ran 10-20 times slower than one thread (measured here). Returns (threads, why)."""
+    if requested:
+        return requested, ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = min(busy_cores(), cores - 1)
+    why = f" ({busy} of {cores} cores busy with other work)" if busy else ""
+    return max(1, (cores - busy) // world), why
+
+
 def rng_state():
-    """Every RNG a training step could touch, as tensors and plain types (loadable with weights_only=True)."""
+    """Every RNG a step could touch, as tensors and plain types (loadable with weights_only)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                         has_gauss, gauss], "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -834,92 +898,327 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Trainer:
-    """Holds the generator G, the discriminators D and their optimizers; `step()` is one GAN update."""
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-    def __init__(self, cfg, rank=0, world=1, device="cpu"):
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, torch.device(device)
-        torch.manual_seed(cfg.seed)  # identical initial weights (and codebooks) on every rank
+
+def load_checkpoint(path, map_location="cpu"):
+    """A model.pt or ckpt.pt of this file's model, loaded as data (weights_only), or one line
+    that says what is wrong with it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's own message (advice to set weights_only=False) misleads
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(e).__name__}); expected --train's model.pt or ckpt.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != NAME:
+        kind = ckpt.get("model", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is a {kind!r} checkpoint, not a {NAME!r} one")
+    return ckpt
+
+
+def config_from_dict(cls, d, path="checkpoint"):
+    """Rebuild a config dataclass; a field it does not know is named in a one-line error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} field(s) {', '.join(unknown)} "
+                         f"(written by another version of {Path(__file__).name}?)")
+    return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items()})
+
+
+def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
+    """Index batches of one epoch: a seeded permutation split over ranks (as DistributedSampler),
+    full batches only. Deterministic: a resumed run continues with the batch it would have seen."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = batch_size // world
+    n_batches = n_items // (per_rank * world)
+    if n_batches == 0:
+        raise ValueError(f"{n_items} training files are fewer than one batch of {batch_size}")
+    return [perm[(b * world + rank) * per_rank:(b * world + rank + 1) * per_rank]
+            for b in range(n_batches)]
+
+
+def log_line(step, total, stats, seconds_per_step):
+    """One fixed-format line: every number of `stats` (lists are joined with '/')."""
+    def fmt(v):
+        return "/".join(f"{u:.3g}" for u in v) if isinstance(v, list) else f"{v:.4g}"
+    parts = " | ".join(f"{k} {fmt(v)}" for k, v in stats.items())
+    return f"step {step}/{total} | {parts} | {seconds_per_step:.2f} s/step"
+
+
+def fit(trainer, run, dataset, interrupt_after=None):
+    """The training loop around `trainer.step(batch, diagnose)`. Ctrl-C or SIGTERM finishes the
+    step, saves and leaves; every rank takes the same decisions (all-reduced flags), and an error
+    on rank 0 (logging, samples, saving) stops every rank instead of leaving them waiting in a
+    collective. Returns the stats of every step this process ran. interrupt_after: stop as if
+    interrupted after that many steps (for the tests)."""
+    out, master = Path(run.out), trainer.rank == 0
+    stop = {"now": False}
+
+    def request_stop(signum, frame):
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    per_epoch = len(batches_for_epoch(len(dataset), run.batch_size, 0, run.seed, 0, trainer.world))
+    progress = None
+    if master and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=run.steps, initial=trainer.step_count, dynamic_ncols=True)
+    history, t_last, n_last = [], time.time(), trainer.step_count
+    try:
+        while trainer.step_count < run.steps and not stop["now"]:
+            epoch, offset = divmod(trainer.step_count, per_epoch)
+            dataset.set_epoch(epoch)
+            batches = batches_for_epoch(len(dataset), run.batch_size, epoch, run.seed,
+                                        trainer.rank, trainer.world)[offset:]
+            # a private generator: a DataLoader iterator must not draw from the global RNG, or a
+            # resumed run (which creates one mid-epoch) would drift from the uninterrupted one
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, num_workers=run.num_workers,
+                generator=torch.Generator().manual_seed(run.seed + epoch))
+            for batch in loader:
+                step = trainer.step_count + 1
+                log_now = step % run.log_every == 0 or step == run.steps or step == 1
+                stats = trainer.step(batch, diagnose=log_now)
+                history.append(stats)
+                leave = stop["now"] or step >= run.steps or len(history) == interrupt_after
+                finite = all(math.isfinite(v) for v in stats.values() if not isinstance(v, list))
+                error = None
+                if master:  # rank 0's own work; its failure is shared through `flags`
+                    try:
+                        if progress:
+                            progress.update(1)
+                        if log_now:
+                            dt = (time.time() - t_last) / max(1, step - n_last)
+                            t_last, n_last = time.time(), step
+                            line = log_line(step, run.steps, stats, dt)
+                            with open(out / "log.txt", "a") as f:
+                                f.write(line + "\n")
+                            (progress.write if progress else print)(line)
+                        if step % run.sample_every == 0:
+                            trainer.write_sample(out / "samples" / f"step{step:07d}")
+                    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+                        error = e
+                flags = torch.tensor([leave, not finite, error is not None], dtype=torch.float32,
+                                     device=trainer.device)
+                if trainer.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[2]:
+                    raise error if error else RuntimeError("rank 0 failed; see its message")
+                if flags[1]:
+                    raise FloatingPointError(f"training diverged: non-finite loss at step {step} "
+                                             f"({stats}); the last checkpoint is {out / 'ckpt.pt'}")
+                if step % run.ckpt_every == 0 or flags[0]:
+                    save_checkpoint(trainer, out)  # an interrupted run keeps everything so far
+                if flags[0]:
+                    stop["now"] = True
+                    break
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        if progress:
+            progress.close()
+    return history
+
+
+def save_checkpoint(trainer, out):
+    """OUT/ckpt.pt (resume) and OUT/model.pt (inference), by rank 0; every rank must call it."""
+    state = trainer.state_dict()
+    if trainer.rank == 0:
+        atomic_save(state, Path(out) / "ckpt.pt")
+        trainer.model.save(Path(out) / "model.pt")
+
+
+def quality(reference, estimate, sample_rate):
+    """Mel distance, PESQ and STOI of (1, T) signals; a metric that cannot be computed on them
+    (too short, silent) is NaN, with its reason in the returned "notes"."""
+    scores, notes = {}, []
+    for name, metric in (("mel", mel_distance), ("pesq", pesq), ("stoi", stoi)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                scores[name] = float(metric(reference, estimate, sample_rate))
+            except (ValueError, RuntimeError) as e:
+                scores[name] = float("nan")
+                notes.append(f"{name}: {e}")
+        notes += [f"{name}: {w.message}" for w in caught]
+    return scores, notes
+
+
+@torch.no_grad()
+def evaluate(model, files, n_qs, title, what="held-out utterances", notice=False):
+    """Prints mel distance (lower is better), wide-band PESQ, STOI (higher is better) and the
+    codebook entropy bitrate (the paper's entropy bound), averaged over `files`, for each n_q.
+    Returns the rows. Progress goes to stderr, and metric problems with the file they came from."""
+    model.eval()
+    device = next(model.parameters()).device
+    print(f"{title}: {len(files)} {what}", flush=True)
+    wavs = [load(f, model.sample_rate, model.channels, notice=notice)[0].to(device) for f in files]
+    print(f"{'n_q':>4} {'kbps':>6} {'mel':>7} {'PESQ':>6} {'STOI':>6} {'H-kbps':>7}", flush=True)
+    rows = []
+    for n_q in n_qs:
+        scores, codes = [], []
+        for i, (f, wav) in enumerate(zip(files, wavs)):
+            if sys.stderr.isatty():  # progress
+                print(f"\r  n_q {n_q}: {i + 1}/{len(files)}", end="", file=sys.stderr, flush=True)
+            c = model.encode(wav[None], n_q)  # (1, n_q, L)
+            codes.append(c.cpu())
+            rec = model.decode(c)[0, :, :wav.shape[-1]].cpu()
+            s, notes = quality(wav.cpu(), rec, model.sample_rate)
+            scores.append(s)
+            for note in notes:
+                print(f"\rnote: {f}: {note}", file=sys.stderr)
+        if sys.stderr.isatty():
+            print("\r", end="", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the mean of all-NaN is NaN: fine
+            mean = {k: float(np.nanmean([s[k] for s in scores])) for k in scores[0]}
+        h = codebook_stats(codes, model.codebook_size, model.frame_rate)["bitrate_entropy"]
+        row = {"n_q": n_q, "kbps": model.bitrate(n_q) / 1000, **mean, "entropy_kbps": h / 1000}
+        rows.append(row)
+        print(f"{n_q:>4} {row['kbps']:>6.2f} {row['mel']:>7.3f} {row['pesq']:>6.2f} "
+              f"{row['stoi']:>6.3f} {row['entropy_kbps']:>7.2f}", flush=True)
+    return rows
+
+
+def bitrate_ladder(num_codebooks):
+    """1, 2, 4, ... codebooks, and all of them: the rows of the evaluation table."""
+    return sorted({2 ** i for i in range(int(math.log2(num_codebooks)) + 1)} | {num_codebooks})
+
+# -------------------------------------------------------------------------------------------------
+# Training: the model-specific part
+
+
+class Trainer:
+    """The generator G, the discriminators D and their optimizers; `step()` is one GAN update."""
+
+    def __init__(self, cfg, run, rank=0, world=1, device="cpu"):
+        check_config(cfg, run)
+        self.cfg, self.run, self.rank, self.world = cfg, run, rank, world
+        self.device = torch.device(device)
+        torch.manual_seed(run.seed)  # identical initial weights (and codebooks) on every rank
         self.model = SoundStream(cfg).to(self.device)
-        self.disc = Discriminators(cfg).to(self.device)
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.disc = Discriminators(run).to(self.device)
+        self.rec_loss = ReconstructionLoss(cfg.sample_rate, run.mel_scales, run.mel_bins)
+        self.rec_loss.to(self.device)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=run.lr, betas=tuple(run.betas))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=run.lr, betas=tuple(run.betas))
         cuda = self.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
+        self.amp_dtype = amp if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.amp == "fp16")
         self.G, self.D = self.model, self.disc
-        if world > 1:  # codebook buffers are kept identical by the quantizer itself, not by DDP's broadcast
+        if world > 1:  # the codebooks are kept identical by the quantizer, not by DDP's broadcast
             ids = [self.device.index] if cuda else None
-            self.G = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
-            self.D = nn.parallel.DistributedDataParallel(self.disc, device_ids=ids, broadcast_buffers=False)
-        if cfg.compile and cuda:
+            self.G = nn.parallel.DistributedDataParallel(self.model, ids, broadcast_buffers=False)
+            self.D = nn.parallel.DistributedDataParallel(self.disc, ids, broadcast_buffers=False)
+        if run.compile and cuda:
             self.G = torch.compile(self.G)
-        torch.manual_seed(cfg.seed + rank)  # from here on each rank draws its own quantizer dropout
+        torch.manual_seed(run.seed + rank)  # from here on each rank draws its own dropout
         self.step_count = 0
-        self.noise_files = resolve_files(cfg.noise_dir) if cfg.noise_dir else None
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def make_batch(self, clean):
-        """(inputs, targets, denoise) on the device. With FiLM: the tuples of §III-F. Without FiLM and with a
-        --noise_dir: noisy speech is plain training data (§IV-A), inputs = targets. The noise draw uses a generator
-        seeded by (seed, rank, step), so the batch is the same after a resume and differs between ranks."""
-        if self.cfg.film == "none" and not self.noise_files:
-            clean = clean.to(self.device)
-            return clean, clean, None
-        # 1_000_003 and 1_009 (primes, our choice) spread (seed, step, rank) over distinct generator seeds
-        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step_count) * 1_009 + self.rank)
-        if self.noise_files:
-            noise = torch.stack([random_crop(load(self.noise_files[int(torch.randint(len(self.noise_files), (),
-                                 generator=g))], self.cfg.sample_rate, 1)[0], clean.shape[-1], g)
-                                 for _ in range(clean.shape[0])])  # (B, 1, T)
-        else:
-            noise = coloured_noise(clean.shape, g)
-        inputs, targets, denoise = (v.to(self.device) for v in mix_noise(clean, noise, self.cfg, g))
+    def make_batch(self, batch):
+        """(inputs, targets, denoise) on the device. With FiLM: the tuples of §III-F. Without FiLM
+        but with noise files: noisy speech is plain training data (§IV-A), inputs = targets. The
+        mixing draws from a generator seeded by (seed, step, rank): the same after a resume."""
+        if not isinstance(batch, (list, tuple)):
+            x = batch.to(self.device)
+            return x, x, None
+        clean, noise = batch
+        # 1_000_003 and 1_009 (primes, our choice) spread (seed, step, rank) over distinct seeds
+        g = torch.Generator().manual_seed((self.run.seed * 1_000_003 + self.step_count) * 1_009
+                                          + self.rank)
+        inputs, targets, denoise = (v.to(self.device) for v in
+                                    mix_noise(clean, noise, self.run.noisy_fraction, g))
         return (inputs, targets, denoise) if self.cfg.film != "none" else (inputs, inputs, None)
 
-    def step(self, clean):
-        """One update of D (Eq. 1) then G (Eq. 6). Returns the logged losses as floats."""
-        x, target, denoise = self.make_batch(clean)
-        w = loss_weights(self.cfg)
+    def step(self, batch, diagnose=False):
+        """One update of D (Eq. 1), then of G (Eq. 6). Returns the logged numbers as floats;
+        with `diagnose`, also each weighted term's gradient norm at x_hat, the latent RMS, the
+        output's DC, per-codebook perplexity and the codes replaced since the last diagnosis."""
+        self.model.train()  # evaluation and samples leave it in eval mode
+        x, target, denoise = self.make_batch(batch)
+        w = loss_weights(self.run)
         with self.autocast():
-            x_hat, _, q_losses = self.G(x, denoise)
-        # discriminator: real and fake in one forward (one DDP forward per backward)
+            x_hat, codes, aux = self.G(x, denoise)
+        # discriminators: real and fake in one forward (one DDP forward per backward)
         with self.autocast():
-            both = self.D(torch.cat([target, x_hat.detach()]))  # 2B examples through every discriminator
-            real = [(l[:len(x)], [f[:len(x)] for f in fs]) for l, fs in both]  # the first B: x
-            fake = [(l[len(x):], [f[len(x):] for f in fs]) for l, fs in both]  # the last B: G(x)
+            both = self.D(torch.cat([target, x_hat.detach()]))  # 2B examples
+            B = len(x)
+            real = [(lg[:B], [f[:B] for f in fs]) for lg, fs in both]  # the first B: x
+            fake = [(lg[B:], [f[B:] for f in fs]) for lg, fs in both]  # the last B: G(x)
             d_loss = discriminator_loss(real, fake)
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler.scale(d_loss).backward()
+        self.scaler.unscale_(self.opt_d)  # clip the true gradient, not the scaled one
+        d_norm = nn.utils.clip_grad_norm_(self.disc.parameters(), self.run.grad_clip)
         self.scaler.step(self.opt_d)
-        # generator: D is only evaluated here, so use the bare module (no DDP gradient sync) with its parameters
-        # frozen (no gradients computed for them)
+        # generator: D is only evaluated here: the bare module (no DDP sync), parameters frozen
         self.disc.requires_grad_(False)
         with self.autocast():
             with torch.no_grad():
                 real = self.disc(target)
             fake = self.disc(x_hat)
             losses = {"adv": adversarial_loss(fake), "feat": feature_loss(real, fake),
-                      "rec": reconstruction_loss(target, x_hat, self.cfg), "commit": q_losses["commit"]}
+                      "rec": self.rec_loss(target, x_hat), "commit": aux["commit"]}
             g_loss = sum(w[k] * losses[k] for k in w)
+        stats = {"g": g_loss, "d": d_loss, **losses}
+        if diagnose:  # what each weighted term pushes on x_hat with (the balance of Eq. 6)
+            for k in ("adv", "feat", "rec"):
+                grad, = torch.autograd.grad(w[k] * losses[k], x_hat, retain_graph=True)
+                stats[f"|g_{k}|"] = grad.norm()
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler.scale(g_loss).backward()
+        self.scaler.unscale_(self.opt_g)
+        stats["|G|"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        stats["|D|"] = d_norm
         self.scaler.step(self.opt_g)
         self.disc.requires_grad_(True)
         self.scaler.update()
         self.step_count += 1
-        return {"g": g_loss.item(), "d": d_loss.item(), **{k: v.item() for k, v in losses.items()}}
+        stats = {k: v.item() for k, v in stats.items()}
+        if diagnose:
+            stats["z_rms"] = aux["latent_rms"].item()
+            stats["dc"] = x_hat.detach().mean().item()
+            ppl = codebook_stats(codes.cpu(), self.cfg.codebook_size, 1)["perplexity"]
+            stats["ppl"] = [round(p, 1) for p in ppl]
+            stats["dead"] = sum(int(vq.replaced) for vq in self.model.quantizer.layers)
+            for vq in self.model.quantizer.layers:
+                vq.replaced.zero_()
+        return stats
+
+    def write_sample(self, stem):
+        """A reconstruction of the first validation file, as wav and comparison PNG."""
+        model = self.model.eval()
+        wav, sr = load(self.valid_file, model.sample_rate, 1)
+        rec = reconstruct(model, wav.to(self.device)).cpu()
+        Path(stem).parent.mkdir(parents=True, exist_ok=True)
+        save(f"{stem}.wav", rec, sr)
+        plot_comparison(f"{stem}.png", wav, rec, sr, title=f"{Path(self.valid_file).name}: "
+                        f"original vs SoundStream, {model.bitrate() / 1000:g} kbps")
+        model.train()
 
     def state_dict(self):
-        """Everything a bit-exact resume needs. Collective under DDP (every rank must call it): the RNG state of
-        each rank is gathered, since each draws its own quantizer dropout."""
+        """Everything an exact resume needs. Collective under DDP: every rank's RNG state."""
         rngs = [rng_state()]
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng_state())
-        return {"model": "soundstream", "config": dataclasses.asdict(self.cfg), "step": self.step_count,
+        return {"model": NAME, "config": dataclasses.asdict(self.cfg),
+                "train_config": dataclasses.asdict(self.run), "step": self.step_count,
                 "generator": self.model.state_dict(), "discriminators": self.disc.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rngs}
@@ -931,190 +1230,177 @@ class Trainer:
         self.opt_d.load_state_dict(ckpt["opt_d"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step_count = ckpt["step"]
-        rngs = ckpt["rng"]
-        if len(rngs) != self.world and self.rank == 0:
-            print(f"note: the checkpoint was written by {len(rngs)} process(es), this run has {self.world}: "
-                  f"training continues, but not bit-exactly")
-        set_rng_state(rngs[self.rank % len(rngs)])
+        if len(ckpt["rng"]) != self.world and self.rank == 0:
+            print(f"note: the checkpoint was written by {len(ckpt['rng'])} process(es), this run "
+                  f"has {self.world}: training continues, but not bit-exactly")
+        set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
 
 
-def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
-    """Index batches of one epoch: a seeded permutation split over ranks (what DistributedSampler does), in full
-    batches. Deterministic, so a resumed run continues with exactly the batch it would have seen."""
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    per_rank = batch_size // world
-    n_batches = n_items // (per_rank * world)
-    if n_batches == 0:
-        raise ValueError(f"{n_items} training files are fewer than one batch of {batch_size}")
-    return [perm[(b * world + rank) * per_rank:(b * world + rank + 1) * per_rank] for b in range(n_batches)]
+def eval_files(data, limit=None):
+    """Held-out files: the test split of the demo corpus or of a manifest, or a user's folder."""
+    files = resolve_files(data or None, "test")
+    if not files:
+        raise ValueError(f"{data or 'the demo corpus'} has no utterances with split 'test'")
+    return files[:limit]
 
 
-def save_checkpoint(trainer, out):
-    """OUT/ckpt.pt (resume) and OUT/model.pt (inference), written by rank 0; every rank must call it."""
-    state = trainer.state_dict()
-    if trainer.rank == 0:
-        _atomic_save(state, Path(out) / "ckpt.pt")
-        trainer.model.save(Path(out) / "model.pt")
-
-
-def log_line(step, total, stats, dt):
-    parts = " | ".join(f"{k} {v:.4g}" for k, v in stats.items())
-    return f"step {step}/{total} | {parts} | {dt:.2f} s/step"
-
-
-def train(cfg, resume=False, interrupt_after=None):
-    """The whole training run. Returns the list of per-step loss dicts of this process (tests compare them).
-    interrupt_after: stop (as if interrupted) after that many steps, saving the checkpoint - for the tests."""
+def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
+    """A whole training run; returns this process's per-step stats (the tests compare them)."""
     rank, world, device = setup_distributed()
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
-    start = _load_checkpoint(ckpt_path) if resume else {}
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    trainer = Trainer(cfg, rank, world, device)
+    out = Path(run.out)
+    start = load_checkpoint(out / "ckpt.pt") if resume else None
+    if not resume and not overwrite and (out / "ckpt.pt").is_file():
+        raise ValueError(f"{out} already holds a training run (ckpt.pt); continue it with "
+                         f"--resume, or start over with --overwrite")
+    if run.batch_size % world:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by {world} processes")
+    threads, why = pick_threads(run.threads, world) if device.type == "cpu" else (0, "")
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = Trainer(cfg, run, rank, world, device)
     if start:
         trainer.load_state_dict(start)
-    master = rank == 0  # rank 0 alone logs, samples and saves
-    files = resolve_files(cfg.data or None, "train")
-    segment = int(cfg.segment_seconds * cfg.sample_rate)
-    dataset = AudioDataset(files, cfg.sample_rate, channels=1, segment=segment, seed=cfg.seed)
-    valid = resolve_files(cfg.data or None, "valid") if not cfg.data or cfg.data.endswith(".jsonl") else files
+    master = rank == 0
+    files = resolve_files(run.data or None, "train")
+    is_manifest = not run.data or run.data.endswith(".jsonl")
+    trainer.valid_file = (resolve_files(run.data or None, "valid") if is_manifest else files)[0]
+    speech = AudioDataset(files, cfg.sample_rate, channels=1, segment=int(run.segment_seconds
+                          * cfg.sample_rate), seed=run.seed)
+    noise_files = resolve_files(run.noise_dir) if run.noise_dir else None
+    use_noise = cfg.film != "none" or noise_files
+    dataset = SpeechAndNoise(speech, noise_files) if use_noise else speech
+    held_out = eval_files(run.data, run.eval_utterances) if is_manifest else None
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        n_g = sum(p.numel() for p in trainer.model.parameters())
-        n_d = sum(p.numel() for p in trainer.disc.parameters())
-        print(f"SoundStream {'resumed at step ' + str(trainer.step_count) if start else 'new run'}: "
-              f"{n_g / 1e6:.2f}M generator + {n_d / 1e6:.2f}M discriminator parameters, "
-              f"{trainer.model.frame_rate:g} Hz frames, {trainer.model.bitrate(1) / 1000:g}.."
-              f"{trainer.model.bitrate() / 1000:g} kbps, {len(files)} training files, {world} process(es) on {device}")
-        if not start:  # the untrained model's quality, to compare with the final table
-            evaluate(trainer.model, resolve_eval_files(cfg), cfg.eval_utterances, n_qs=[cfg.num_quantizers],
-                     title="untrained model (step 0)")
-    history = []
-    stop = {"now": False}
-
-    def request_stop(signum, frame):  # Ctrl-C or a scheduler's SIGTERM: finish this step, save, leave
-        stop["now"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
-
-    old_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    per_epoch = len(batches_for_epoch(len(dataset), cfg.batch_size, 0, cfg.seed, rank, world))
-    progress = None
-    if master and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(total=cfg.steps, initial=trainer.step_count, dynamic_ncols=True)
-    t0 = time.time()
-    try:
-        while trainer.step_count < cfg.steps and not stop["now"]:
-            epoch, offset = divmod(trainer.step_count, per_epoch)
-            dataset.set_epoch(epoch)
-            batches = batches_for_epoch(len(dataset), cfg.batch_size, epoch, cfg.seed, rank, world)[offset:]
-            # a private generator: creating a DataLoader iterator must not draw from the global RNG, or a resumed
-            # run (which creates one mid-epoch) would drift from the uninterrupted one
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            for clean in loader:
-                trainer.model.train()
-                stats = trainer.step(clean)
-                history.append(stats)
-                step = trainer.step_count
-                # every rank takes the same decisions, or some would wait forever in the next collective
-                leave = stop["now"] or step >= cfg.steps or bool(interrupt_after and len(history) >= interrupt_after)
-                flags = torch.tensor([leave, not all(math.isfinite(v) for v in stats.values())],
-                                     dtype=torch.float32, device=trainer.device)
-                if world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[1]:
-                    raise FloatingPointError(f"training diverged: non-finite loss at step {step} ({stats}); the "
-                                             f"last checkpoint is {ckpt_path}")
-                if progress:
-                    progress.update(1)
-                if master and (step % cfg.log_every == 0 or step == cfg.steps):
-                    line = log_line(step, cfg.steps, stats, (time.time() - t0) / max(1, len(history)))
-                    with open(out / "log.txt", "a") as f:
-                        f.write(line + "\n")
-                    (progress.write if progress else print)(line)
-                if master and step % cfg.sample_every == 0:
-                    write_sample(trainer.model, valid[0], out / "samples" / f"step{step:07d}", cfg)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps or (flags[0] and step < cfg.steps):
-                    save_checkpoint(trainer, out)  # interrupted runs keep everything done so far
-                if flags[0]:
-                    stop["now"] = True
-                    break
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-    if progress:
-        progress.close()
-    if master and trainer.step_count < cfg.steps:
-        print(f"stopped at step {trainer.step_count}; saved {ckpt_path}; continue with: "
-              f"python soundstream.py --train --resume --out {cfg.out}")
+        m = trainer.model
+        n_g = sum(p.numel() for p in m.parameters()) / 1e6
+        n_d = sum(p.numel() for p in trainer.disc.parameters()) / 1e6
+        how = f"resumed at step {trainer.step_count}" if start else "new run"
+        print(f"SoundStream {how}: "
+              f"{n_g:.2f}M generator + {n_d:.2f}M discriminator parameters, {m.frame_rate:g} Hz, "
+              f"{m.bitrate(1) / 1000:g}..{m.bitrate() / 1000:g} kbps, {len(files)} training files, "
+              f"{world} process(es) on {device}"
+              + (f", {threads} CPU thread(s){why}" if threads else ""), flush=True)
+        if not start and held_out:  # the untrained model, to compare with the final table
+            evaluate(m, held_out, [cfg.num_quantizers], "untrained model (step 0)")
+    history = fit(trainer, run, dataset, interrupt_after)
+    if master and trainer.step_count < run.steps:
+        print(f"stopped at step {trainer.step_count}; saved {out / 'ckpt.pt'}; continue with: "
+              f"python {Path(__file__).name} --train --resume --out {run.out}")
     elif master:
-        write_sample(trainer.model, valid[0], out / "samples" / "final", cfg)
-        n_qs = sorted({2 ** i for i in range(int(math.log2(cfg.num_quantizers)) + 1)} | {cfg.num_quantizers})
-        evaluate(trainer.model, resolve_eval_files(cfg), cfg.eval_utterances, n_qs, title=f"step {trainer.step_count}")
-        print(f"saved {out / 'model.pt'} (inference) and {ckpt_path} (resume)")
+        trainer.write_sample(out / "samples" / "final")
+        if held_out:
+            evaluate(trainer.model, held_out, bitrate_ladder(cfg.num_quantizers),
+                     f"step {trainer.step_count}")
+        else:
+            print(f"note: {run.data} is a folder, which has no held-out split; evaluate on another "
+                  f"folder with --eval --data DIR")
+        print(f"saved {out / 'model.pt'} (inference) and {out / 'ckpt.pt'} (resume)")
     if world > 1:
         dist.destroy_process_group()
     return history
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# Evaluation, samples and the command line
-
-
-def resolve_eval_files(cfg):
-    """Held-out files: the test split of the demo corpus or of a manifest. A folder has no split: its files are
-    used as they are (evaluate on a held-out folder with `--eval --data DIR`)."""
-    if cfg.data and not cfg.data.endswith(".jsonl"):
-        print(f"note: {cfg.data} is a folder, which has no held-out split; the metrics below use its files")
-    return resolve_files(cfg.data or None, "test")
+# -------------------------------------------------------------------------------------------------
+# Inference helpers and the command line
 
 
 def reconstruct(model, wav, n_q=None, denoise=False):
-    """wav (1, T) or (B, 1, T) at model.sample_rate -> reconstruction of the same shape."""
+    """wav (1, T) or (B, 1, T) -> the reconstruction, same shape."""
     x = wav if wav.dim() == 3 else wav[None]
     y = model.decode(model.encode(x, n_q, denoise), denoise)[..., :x.shape[-1]]
     return y if wav.dim() == 3 else y[0]
 
 
-def quality(reference, estimate, sample_rate):
-    return {"mel": mel_distance(reference, estimate, sample_rate), "pesq": pesq(reference, estimate, sample_rate),
-            "stoi": stoi(reference, estimate, sample_rate)}
+def read_codes(path, model):
+    """The codes (Q, L) and sample count of an --encode file, checked against the model."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)  # plain arrays, never pickled objects
+    except (OSError, ValueError):
+        raise ValueError(f"{path} is not a codes file written by --encode "
+                         f"(not a .npz archive)") from None
+    try:
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not a .npz archive")
+        codes = torch.from_numpy(npz["codes"].astype(np.int64))
+        num_samples = int(npz["num_samples"])
+        meta = (str(npz["model"]), int(npz["codebook_size"]), int(npz["sample_rate"]),
+                float(npz["frame_rate"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a codes file written by --encode ({e})") from None
+    mine = (NAME, model.codebook_size, model.sample_rate, model.frame_rate)
+    if meta != mine:
+        raise ValueError(f"{path} holds {meta[0]} codes ({meta[1]}-entry codebooks, {meta[2]} Hz, "
+                         f"{meta[3]:g} frames/s); this checkpoint is a {NAME} with {mine[1]}-entry "
+                         f"codebooks at {mine[2]} Hz, {mine[3]:g} frames/s")
+    if codes.dim() != 2:
+        raise ValueError(f"{path}: codes must be (codebooks, frames), got {tuple(codes.shape)}")
+    return codes, num_samples
 
 
-@torch.no_grad()
-def evaluate(model, files, limit, n_qs, title=""):
-    """Prints mel distance (lower is better), wide-band PESQ and STOI (higher is better), and the codebook
-    entropy bitrate, averaged over up to `limit` files, for each number of quantizers. Returns the rows."""
-    model.eval()
-    device = next(model.parameters()).device
-    wavs = [load(f, model.sample_rate, 1)[0].to(device) for f in files[:limit]]
-    rows = []
-    print(f"{title}: {len(wavs)} held-out utterances")
-    print(f"{'n_q':>4} {'kbps':>6} {'mel':>7} {'PESQ':>6} {'STOI':>6} {'H-kbps':>7}")
-    for n_q in n_qs:
-        scores, codes = [], []
-        for wav in wavs:
-            c = model.encode(wav[None], n_q)
-            codes.append(c.cpu())
-            scores.append(quality(wav.cpu(), model.decode(c)[0, :, :wav.shape[-1]].cpu(), model.sample_rate))
-        row = {"n_q": n_q, "kbps": model.bitrate(n_q) / 1000,
-               **{k: float(np.nanmean([s[k] for s in scores])) for k in scores[0]},
-               "entropy_kbps": codebook_stats(codes, model.codebook_size, model.frame_rate)["bitrate_entropy"] / 1000}
-        rows.append(row)
-        print(f"{n_q:>4} {row['kbps']:>6.2f} {row['mel']:>7.3f} {row['pesq']:>6.2f} {row['stoi']:>6.3f} "
-              f"{row['entropy_kbps']:>7.2f}")
-    return rows
+def field_help(cls):
+    """The comment after each field in the dataclass's source: the -h text of its flag."""
+    helps, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"    (\w+): [^#]*#\s*(.*)", line)
+        if m:
+            name, helps[m[1]] = m[1], m[2]
+        elif name and re.match(r"\s{20,}#\s*(.*)", line):  # a continued comment
+            helps[name] += " " + line.strip()[1:].strip()
+    return helps
 
 
-def write_sample(model, file, stem, cfg):
-    wav, sr = load(file, cfg.sample_rate, 1)
-    rec = reconstruct(model.eval(), wav.to(next(model.parameters()).device)).cpu()
-    Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    save(f"{stem}.wav", rec, sr)
-    plot_comparison(f"{stem}.png", wav, rec, sr, title=f"{Path(file).name}: original vs SoundStream, "
-                                                        f"{model.bitrate() / 1000:g} kbps")
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):  # name a mistyped flag before anything else
+        known = [o for a in self._actions for o in a.option_strings]
+        for arg in sys.argv[1:] if args is None else args:
+            flag = str(arg).split("=")[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                self.error(f"unknown flag {flag}{hint}")
+        return super().parse_args(args, namespace)
+
+    def error(self, message):  # one line, not the whole usage
+        self.exit(2, f"error: {message} (python {Path(__file__).name} -h lists the flags)\n")
+
+
+def build_parser():
+    p = Parser(description="SoundStream (Zeghidour et al. 2021): train, encode, decode, evaluate.",
+               allow_abbrev=False)  # --bitrat must not silently mean --bitrate
+    act = p.add_mutually_exclusive_group(required=True)
+    act.add_argument("--train", action="store_true", help="train (DDP when launched by torchrun)")
+    act.add_argument("--encode", metavar="WAV", help="audio file -> codes .npz")
+    act.add_argument("--decode", metavar="NPZ", help="codes .npz -> audio file")
+    act.add_argument("--reconstruct", metavar="WAV", help="encode + decode; prints metrics")
+    act.add_argument("--eval", action="store_true", help="metrics table over held-out files")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="default: paper")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that has a run")
+    p.add_argument("--ckpt", help="model.pt (or ckpt.pt) for encode/decode/reconstruct/eval")
+    p.add_argument("--n_q", type=int, help="quantizers to use (default: all)")
+    p.add_argument("--bitrate", type=float, help="kbps, sets n_q: 0.25..2 in steps of 0.25 for "
+                   "tiny; 0.75..18 in steps of 0.75 for paper (§V: 3, 6, 12, 18)")
+    p.add_argument("--denoise", action="store_true", help="denoising on (models trained with film)")
+    p.add_argument("--streaming", action="store_true", help="reconstruct frame by frame")
+    for cls in (Config, TrainConfig):  # every config field is a flag, typed from its default
+        group = p.add_argument_group(f"{cls.__name__} fields ({cls.__doc__.split('.')[0].lower()})")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            values = {name: getattr(c if cls is Config else r, f.name)
+                      for name, (c, r) in PRESETS.items()}
+            shown = ", ".join(f"{n}: {v}" for n, v in values.items() if n in ("paper", "tiny"))
+            kw = {"help": f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%")}
+            if isinstance(f.default, bool):
+                kw.update(type=parse_bool, metavar="BOOL")
+            elif isinstance(f.default, tuple):
+                kw.update(type=lambda s, t=type(f.default[0]): tuple(t(v) for v in s.split(",")),
+                          metavar="A,B")
+            else:
+                kw.update(type=type(f.default), choices=CHOICES.get(f.name))
+            group.add_argument(f"--{f.name}", **kw)
+    return p
 
 
 def parse_bool(text):
@@ -1125,121 +1411,89 @@ def parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="SoundStream (Zeghidour et al. 2021): train, encode, decode, evaluate.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    act = p.add_mutually_exclusive_group(required=True)
-    act.add_argument("--train", action="store_true", help="train (DDP when launched with torchrun)")
-    act.add_argument("--encode", metavar="WAV", help="audio file -> codes .npz")
-    act.add_argument("--decode", metavar="NPZ", help="codes .npz -> audio file")
-    act.add_argument("--reconstruct", metavar="WAV", help="encode + decode, print metrics")
-    act.add_argument("--eval", action="store_true", help="metrics table over held-out files")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--ckpt", help="model.pt (or ckpt.pt) for encode/decode/reconstruct/eval")
-    p.add_argument("--n_q", type=int, help="number of quantizers to use (default: all)")
-    p.add_argument("--bitrate", type=float, help="target kbps, e.g. 3, 6, 12, 18 (sets n_q)")
-    p.add_argument("--denoise", action="store_true", help="denoising mode on (models trained with --film)")
-    p.add_argument("--streaming", action="store_true", help="reconstruct frame by frame with carried state")
-    for f in dataclasses.fields(Config):  # every config field is a flag, typed from its default
-        kind = type(f.default)
-        if kind is bool:
-            p.add_argument(f"--{f.name}", type=parse_bool, metavar="BOOL")
-        elif kind is tuple:
-            elem = type(f.default[0])
-            p.add_argument(f"--{f.name}", type=lambda s, t=elem: tuple(t(v) for v in s.split(",")), metavar="A,B")
-        else:
-            p.add_argument(f"--{f.name}", type=kind)
-    return p
+# run settings a resumed run may change; everything else is fixed by its checkpoint
+RESUME_OVERRIDES = ("steps", "log_every", "sample_every", "ckpt_every", "eval_utterances",
+                    "num_workers", "threads")
 
 
-def config_from_args(args):
-    cfg = PRESETS[args.preset]
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                 if getattr(args, f.name) is not None}
-    return dataclasses.replace(cfg, **overrides)
-
-
-RESUME_OVERRIDES = ("steps", "log_every", "sample_every", "ckpt_every", "eval_utterances", "num_workers")
+def configs_from_args(args):
+    """(Config, TrainConfig): the preset with the flags given on the command line."""
+    cfg, run = PRESETS[args.preset]
+    given = [{f.name: getattr(args, f.name) for f in dataclasses.fields(c)
+              if getattr(args, f.name) is not None} for c in (Config, TrainConfig)]
+    if args.resume:
+        ckpt = load_checkpoint(Path(args.out or run.out) / "ckpt.pt")
+        cfg = config_from_dict(Config, ckpt["config"], args.out)
+        run = config_from_dict(TrainConfig, ckpt["train_config"], args.out)
+        changed = sorted(k for d, c in zip(given, (cfg, run)) for k, v in d.items()
+                         if k not in RESUME_OVERRIDES + ("out",) and v != getattr(c, k))
+        if changed:
+            raise ValueError(f"cannot change {', '.join(changed)} when resuming; only "
+                             f"{', '.join(RESUME_OVERRIDES)}")
+    return dataclasses.replace(cfg, **given[0]), dataclasses.replace(run, **given[1])
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.train and args.resume:  # the run's own config, plus the schedule flags given on this command line
-        out = args.out or PRESETS[args.preset].out
-        cfg = config_from_dict(_load_checkpoint(Path(out) / "ckpt.pt")["config"])
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-        fixed = sorted(k for k in given if k not in RESUME_OVERRIDES + ("out",) and given[k] != getattr(cfg, k))
-        if fixed:
-            raise ValueError(f"cannot change {', '.join(fixed)} when resuming; only {', '.join(RESUME_OVERRIDES)}")
-        train(dataclasses.replace(cfg, **given), resume=True)
-        return
     if args.train:
-        train(config_from_args(args))
+        cfg, run = configs_from_args(args)
+        train(cfg, run, resume=args.resume, overwrite=args.overwrite)
         return
     if not args.ckpt:
         raise ValueError("--ckpt is required (e.g. runs/soundstream/model.pt)")
     model = SoundStream.load(args.ckpt)
     n_q = model.n_q_for_bitrate(args.bitrate) if args.bitrate is not None else args.n_q
+    if n_q is not None and not 1 <= n_q <= model.num_codebooks:
+        raise ValueError(f"n_q must be in 1..{model.num_codebooks}, got {n_q}")
     if args.eval:
-        cfg = dataclasses.replace(model.cfg, data=args.data or "")
-        files = resolve_files(args.data) if args.data and not args.data.endswith(".jsonl") else resolve_eval_files(cfg)
-        n_qs = [n_q] if n_q is not None else sorted({2 ** i for i in range(int(math.log2(model.num_codebooks)) + 1)}
-                                        | {model.num_codebooks})
-        evaluate(model, files, args.eval_utterances or len(files), n_qs, title=f"{args.ckpt}")
+        n_qs = [n_q] if n_q else bitrate_ladder(model.num_codebooks)
+        if args.data and not args.data.endswith(".jsonl"):  # a user's folder: all of its files
+            files = resolve_files(args.data)[:args.eval_utterances]
+            evaluate(model, files, n_qs, args.ckpt, what=f"files of {args.data}", notice=True)
+        else:
+            evaluate(model, eval_files(args.data, args.eval_utterances), n_qs, args.ckpt)
         return
     if not args.out:
         raise ValueError("--out is required")
     if args.encode:
         wav, sr = load(args.encode, model.sample_rate, 1, notice=True)
-        codes = model.encode(wav[None], n_q, args.denoise)[0]  # (Q, F)
+        codes = model.encode(wav[None], n_q, args.denoise)[0]  # (Q, L)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        dtype = np.int16 if model.codebook_size <= 2 ** 15 else np.int32  # the smallest type that holds the ids
-        np.savez(args.out, codes=codes.numpy().astype(dtype), sample_rate=sr, num_samples=wav.shape[-1],
-                 model="soundstream", codebook_size=model.codebook_size, frame_rate=model.frame_rate)
+        dtype = np.int16 if model.codebook_size <= 2 ** 15 else np.int32  # holds every id
+        np.savez(args.out, codes=codes.numpy().astype(dtype), sample_rate=sr, model=NAME,
+                 num_samples=wav.shape[-1], codebook_size=model.codebook_size,
+                 frame_rate=model.frame_rate)
         print(f"{args.encode}: {codes.shape[0]} codebooks x {codes.shape[1]} frames "
               f"({model.bitrate(codes.shape[0]) / 1000:g} kbps) -> {args.out}")
     elif args.decode:
-        if not Path(args.decode).is_file():
-            raise FileNotFoundError(f"{args.decode}: file not found")
-        try:
-            npz = np.load(args.decode, allow_pickle=False)  # a codes file is plain arrays, never pickled objects
-        except (OSError, ValueError):
-            raise ValueError(f"{args.decode} is not a codes file written by --encode (not a .npz archive)") from None
-        try:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not a .npz archive")
-            codes, num_samples = torch.from_numpy(npz["codes"].astype(np.int64)), int(npz["num_samples"])
-            kind, size = str(npz["model"]), int(npz["codebook_size"])
-            rate, frame_rate = int(npz["sample_rate"]), float(npz["frame_rate"])
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{args.decode} is not a codes file written by --encode ({e})") from None
-        if (kind, size, rate, frame_rate) != ("soundstream", model.codebook_size, model.sample_rate, model.frame_rate):
-            raise ValueError(f"{args.decode} holds {kind} codes ({size}-entry codebooks, {rate} Hz, {frame_rate:g} "
-                             f"frames/s); this checkpoint is a SoundStream with {model.codebook_size}-entry codebooks "
-                             f"at {model.sample_rate} Hz, {model.frame_rate:g} frames/s")
-        wav = model.decode(codes[None], args.denoise)[0, :, :num_samples]
+        codes, num_samples = read_codes(args.decode, model)
+        wav = model.decode(codes[None], args.denoise)[0, :, :num_samples]  # (1, T)
         save(args.out, wav, model.sample_rate)
         print(f"{args.decode} -> {args.out} ({num_samples / model.sample_rate:.2f} s)")
     else:  # --reconstruct
         wav, sr = load(args.reconstruct, model.sample_rate, 1, notice=True)
-        if args.streaming:  # one frame (M samples) at a time, as a real-time sender and receiver would
+        if args.streaming:  # one frame (M samples) at a time, as a real-time link would
             M = model.hop_length
-            x = F.pad(wav[None], (0, -wav.shape[-1] % M))
+            x = F.pad(wav[None], (0, -wav.shape[-1] % M))  # (1, 1, L*M)
             with model.streaming():
-                rec = torch.cat([model.decode(model.encode(x[..., i:i + M], n_q, args.denoise), args.denoise)
-                                 for i in range(0, x.shape[-1], M)], dim=-1)[0, :, :wav.shape[-1]]
+                chunks = [model.decode(model.encode(x[..., i:i + M], n_q, args.denoise),
+                                       args.denoise) for i in range(0, x.shape[-1], M)]
+            rec = torch.cat(chunks, dim=-1)[0, :, :wav.shape[-1]]  # (1, T)
         else:
             rec = reconstruct(model, wav, n_q, args.denoise)
         save(args.out, rec, sr)
-        plot_comparison(Path(args.out).with_suffix(".png"), wav, rec, sr, title=Path(args.reconstruct).name)
-        q = quality(wav, rec, sr)
-        print(f"{args.reconstruct} -> {args.out} at {model.bitrate(n_q) / 1000:g} kbps: mel distance "
-              f"{q['mel']:.3f}, PESQ {q['pesq']:.2f}, STOI {q['stoi']:.3f}")
+        png = Path(args.out).with_suffix(".png")
+        plot_comparison(png, wav, rec, sr, title=Path(args.reconstruct).name)
+        q, notes = quality(wav, rec, sr)
+        shown = ", ".join(f"{k} {v:.3f}" if math.isfinite(v) else f"{k} n/a" for k, v in q.items())
+        print(f"{args.reconstruct} -> {args.out} (and the spectrograms {png}) at "
+              f"{model.bitrate(n_q) / 1000:g} kbps: {shown}")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (AudioError, ValueError, FileNotFoundError, FloatingPointError) as e:  # a clear message, no traceback
+    except (AudioError, ValueError, FileNotFoundError, FloatingPointError) as e:  # no traceback
         sys.exit(f"error: {e}")

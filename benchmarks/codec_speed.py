@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def soundstream_model():
     import soundstream
-    return soundstream.SoundStream(soundstream.PRESETS["paper"])
+    return soundstream.SoundStream(soundstream.PRESETS["paper"][0])
 
 
 # One entry per codec file: a function building its paper-preset model with the shared codec interface

@@ -191,3 +191,23 @@ def test_checker_reports_missing_origins_and_dangling_markers(tmp_path):
     assert "not followed" in _write(tmp_path, "x = 1\n# Copied from origin.py: Block\nx = 2\n")[0]
     with pytest.raises(ValueError, match="bad rename"):
         _write(tmp_path, "# Copied from origin.py: helper with a=b\ndef helper(x):\n    return x * 2\n")
+
+
+# The generic training infrastructure of the codec template (DESIGN.md, "Templates"): the blocks
+# the other codec files carry as verbatim marked copies. They must not name their model.
+TEMPLATE_BLOCKS = {"soundstream.py": [
+    "is_distributed", "setup_distributed", "busy_cores", "pick_threads", "rng_state",
+    "set_rng_state", "atomic_save", "load_checkpoint", "config_from_dict", "batches_for_epoch",
+    "log_line", "fit", "save_checkpoint", "quality", "evaluate", "bitrate_ladder", "field_help",
+    "Parser", "parse_bool"]}
+
+
+@pytest.mark.parametrize("origin", sorted(TEMPLATE_BLOCKS))
+def test_template_blocks_hold_no_model_name(origin):
+    lines = (ROOT / origin).read_text().splitlines()
+    blocks = _blocks(ast.parse("\n".join(lines)))
+    model = Path(origin).stem
+    for name in TEMPLATE_BLOCKS[origin]:
+        assert name in blocks, f"{origin} has no {name}"
+        text = _source(lines, blocks[name])
+        assert model not in text.lower(), f"{origin}: {name} names {model!r}; use NAME instead"
