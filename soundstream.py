@@ -11,7 +11,8 @@ Paper -> code
   §III-C RVQ, Algorithm 1 ....... VectorQuantizer (EMA, k-means, dead codes), and
   §III-C quantizer dropout ...... ResidualVectorQuantizer (n_q ~ U{1..N_q} per example)
   §III-D discriminators, Fig. 4 . WaveDiscriminator (MelGAN [15]), STFTDiscriminator
-  §III-E Eqs. 1-6 ............... discriminator_, adversarial_, feature_loss, ReconstructionLoss
+  §III-E Eqs. 1-3 ............... discriminator_loss, adversarial_loss, feature_loss
+  §III-E Eqs. 4-6 ............... ReconstructionLoss (DEVIATION 1), loss_weights, Trainer.step
   §III-F Eq. 7, §IV-A noise ..... FiLM, coloured_noise, mix_noise
   streaming (§I, §III-A) ........ SoundStream.streaming()
 
