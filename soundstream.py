@@ -1013,7 +1013,14 @@ def fit(trainer, run, dataset, interrupt_after=None):
                 if trainer.world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
-                    raise error if error else RuntimeError("rank 0 failed; see its message")
+                    # no local may keep the exception: a frame that holds the exception it
+                    # raises is a cycle that keeps the trainer and gloo's threads alive until
+                    # exit, where they abort the process (SIGABRT, 1 run in 8 before this)
+                    failure, error = error or RuntimeError("rank 0 failed; see its message"), None
+                    try:
+                        raise failure
+                    finally:
+                        del failure
                 if flags[1]:
                     raise FloatingPointError(f"training diverged: non-finite loss at step {step} "
                                              f"({stats}); the last checkpoint is {out / 'ckpt.pt'}")
@@ -1118,9 +1125,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.amp == "fp16")
         self.G, self.D = self.model, self.disc
         if world > 1:  # the codebooks are kept identical by the quantizer, not by DDP's broadcast
+            ddp = nn.parallel.DistributedDataParallel
+            # torch 2.13 renamed broadcast_buffers (a FutureWarning); older releases have only it
+            new = "forward_sync_buffers" in inspect.signature(ddp).parameters
+            no_sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
             ids = [self.device.index] if cuda else None
-            self.G = nn.parallel.DistributedDataParallel(self.model, ids, broadcast_buffers=False)
-            self.D = nn.parallel.DistributedDataParallel(self.disc, ids, broadcast_buffers=False)
+            self.G = ddp(self.model, ids, **no_sync)
+            self.D = ddp(self.disc, ids, **no_sync)
         if run.compile and cuda:
             self.G = torch.compile(self.G)
         torch.manual_seed(run.seed + rank)  # from here on each rank draws its own dropout
@@ -1284,7 +1295,12 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
               + (f", {threads} CPU thread(s){why}" if threads else ""), flush=True)
         if not start and held_out:  # the untrained model, to compare with the final table
             evaluate(m, held_out, [cfg.num_quantizers], "untrained model (step 0)")
-    history = fit(trainer, run, dataset, interrupt_after)
+    try:
+        history = fit(trainer, run, dataset, interrupt_after)
+    except BaseException:
+        if world > 1:  # a process that leaves with a live process group aborts in C++
+            dist.destroy_process_group()
+        raise
     if master and trainer.step_count < run.steps:
         print(f"stopped at step {trainer.step_count}; saved {out / 'ckpt.pt'}; continue with: "
               f"python {Path(__file__).name} --train --resume --out {run.out}")
