@@ -12,7 +12,7 @@ Paper -> code
   §III-C quantizer dropout ...... ResidualVectorQuantizer (n_q ~ U{1..N_q} per example)
   §III-D discriminators, Fig. 4 . WaveDiscriminator (MelGAN [15]), STFTDiscriminator
   §III-E Eqs. 1-3 ............... discriminator_loss, adversarial_loss, feature_loss
-  §III-E Eqs. 4-6 ............... ReconstructionLoss (DEVIATION 1), loss_weights, Trainer.step
+  §III-E Eqs. 4-6 ............... ReconstructionLoss, balance (DEVIATION 1), Trainer.step
   §III-F Eq. 7, §IV-A noise ..... FiLM, coloured_noise, mix_noise
   streaming (§I, §III-A) ........ SoundStream.streaming()
 
@@ -21,16 +21,14 @@ dim, Q codebooks in use, N_q all codebooks, K codebook size (the paper's N), N r
 (B*L, D) frames in the quantizer. `F` is torch.nn.functional.
 
 DEVIATIONS from the paper (each is tagged `# DEVIATION` where it happens)
-  1. Eqs. 4-5 are normalised. As written (linear-magnitude STFT, peak-1 mel triangles, sums over
-     the 64 bands) the term is ~3700 at initialisation, its L1 part grows 2.8x per octave of
-     window size (so the largest scales make most of it), and its gradient at x_hat is 1e3-1e7
-     times the adversarial and feature terms': the generator hardly sees the GAN. Here a mel
-     band is the mean of its STFT bins, the STFT is divided by its window's sum (a full-scale
-     sine peaks at 0.5 at every s), the L1 and L2 norms over bands become a mean and an RMS, and
-     frames and scales are averaged. The structure (L1 of S, alpha_s-weighted L2 of log S,
-     alpha_s = sqrt(s/2)) and lambda_rec = 1 stay the paper's; the term is then ~20-60, and its
-     gradient at x_hat 10-100x the GAN terms' once the discriminators have learnt for ~50 steps
-     (benchmarks/soundstream_balance.py; every log line prints them).
+  1. Eq. 6's lambda_adv = 1 and lambda_feat = 100 become weights set at every step (balance):
+     the adversarial and feature terms' gradients at x_hat are held at a fixed fraction (1%,
+     ratio_adv, ratio_feat) of the reconstruction term's. Eqs. 4-5 stay as written (linear-
+     magnitude STFT, peak-1 mel triangles, norms over the 64 bands), and so their gradient at
+     x_hat is ~10^3-10^9 times the GAN terms' under fixed lambdas (random discriminators at the
+     start; benchmarks/soundstream_balance.py): the generator would never see the GAN. This is
+     EnCodec's balancer (§3.4: set each term's share of the gradient) anchored on the
+     reconstruction term, as VQGAN's adaptive weight is, without EnCodec's EMA (see balance).
   2. Eqs. 1-3 write 1/K with k = 0..K: K + 1 = 4 discriminators. We average over the four, and
      in Eq. 3 over each one's own layers (7 for the STFT discriminator, 6 for the wave ones).
   3. The sqrt in Eq. 5 gets an epsilon of 1e-12: sqrt'(0) is infinite on identical frames.
@@ -41,7 +39,7 @@ DEVIATIONS from the paper (each is tagged `# DEVIATION` where it happens)
      term); every quantizer still runs, and updates its codebook, on every frame.
 
 Where the paper is silent the comment says "our choice". The biggest: D = 128; Adam (3e-4,
-betas 0.5/0.9, EnCodec's recipe); where the ELUs sit; zero bias init; gradient clipping; the
+betas 0.5/0.9, EnCodec's recipe); where the ELUs sit; the DC-free last bias; gradient clipping; the
 noise mixing details; the tiny preset. The paper gives no optimizer, batch, crop or step count.
 The parameter count against Table I is worked out in notebooks/soundstream.ipynb (9.84 M here,
 8.4 M in Table I: the layers the text describes cannot give 8.4 M).
@@ -120,9 +118,11 @@ class TrainConfig:
     stft_window: int = 1024        # W = 1024 (§III-D)
     stft_hop: int = 256            # H = 256 (§III-D)
     # losses (§III-E)
-    lambda_adv: float = 1.0        # lambda_adv = 1 (§III-E)
-    lambda_feat: float = 100.0     # lambda_feat = 100 (§III-E)
-    lambda_rec: float = 1.0        # lambda_rec = 1 (§III-E); the term is normalised (DEVIATION 1)
+    lambda_rec: float = 1.0        # lambda_rec = 1 (§III-E)
+    # DEVIATION 1: Eq. 6's lambda_adv = 1 and lambda_feat = 100 become weights set each step so
+    # that each term's gradient at x_hat is this fraction of the reconstruction term's (balance)
+    ratio_adv: float = 0.01        # our choice: the GAN terms within 100x of the reconstruction
+    ratio_feat: float = 0.01       # our choice (see ratio_adv)
     commitment_weight: float = 0.25  # DEVIATION 4: beta = 0.25 of VQ-VAE [31]
     mel_bins: int = 64             # 64-bin mel spectrograms (§III-E)
     mel_scales: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # s = 2^6..2^11, hop s/4 (Eq. 4)
@@ -157,14 +157,14 @@ PRESETS = {
     # AudioLM's acoustic tokenizer (Borsos et al. 2023, §IV): 16 kHz, M = 320 -> 50 Hz, 12 x 1024
     # (6 kbps). Everything else AudioLM leaves unsaid: the paper preset's (our choice).
     "audiolm": (Config(sample_rate=16000, num_quantizers=12), TrainConfig()),
-    # CPU demo on the 16 kHz demo corpus, < 10 min on 2 cores (README). Our choices: narrow nets,
+    # CPU demo on the 16 kHz demo corpus, ~8 min on 2 idle cores (README). Our choices: narrow nets,
     # short crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160
     # frames) gives ~5 frames per entry, above the dead-code threshold of 2.
     "tiny": (Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32,
                     num_quantizers=8, codebook_size=32),
              TrainConfig(wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
                          stft_window=512, stft_hop=128, lr=1e-3, batch_size=8, segment_seconds=0.4,
-                         steps=1000, log_every=50, sample_every=500, ckpt_every=250,
+                         steps=1200, log_every=50, sample_every=600, ckpt_every=300,
                          eval_utterances=16, num_workers=0)),
 }
 
@@ -189,14 +189,6 @@ def check_config(cfg, run=None):
 # Building blocks: causal convolutions that can also run chunk by chunk
 
 
-def zero_bias(conv):
-    """Our choice (DC): start every generator bias at 0, as DAC's init does. PyTorch's default
-    bias init made the untrained output almost pure DC (mean +0.5), which the mel loss cannot
-    see (the DC bin has weight 0 in every mel filterbank)."""
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
 class CausalConv1d(nn.Conv1d):
     """Conv1d padded on the past only (§III-A: "padding is only applied to the past").
 
@@ -206,7 +198,6 @@ class CausalConv1d(nn.Conv1d):
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, dilation=1):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, dilation=dilation)
-        zero_bias(self)
         self.causal_pad = (kernel_size - 1) * dilation + 1 - stride
         self.streaming, self.state = False, None
 
@@ -228,7 +219,6 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
 
     def __init__(self, in_ch, out_ch, kernel_size, stride):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride)
-        zero_bias(self)
         self.trim = kernel_size - stride
         self.streaming, self.state = False, None
 
@@ -373,7 +363,8 @@ class VectorQuantizer(nn.Module):
         # our choice: every entry starts as a replaced one does (below), as `threshold` assignments
         # of itself, so an entry that the next batches stop choosing is replaced at once. Counted
         # from the batch (~5 per entry in the tiny preset) it would linger for ~90 steps of decay
-        # while the young encoder's latent grows (15x in the first 50 steps, measured).
+        # while the young encoder's latent moves (z_rms 0.06 -> 0.25 in the first 50 steps of the
+        # tiny run, 4410 entries replaced meanwhile: benchmarks/results/soundstream_tiny_log.txt).
         self.cluster_size.fill_(self.threshold)
         self.embed_sum.copy_(self.codebook * self.threshold)
         if is_distributed():  # rank 0's result everywhere (CUDA's index_add_ is not deterministic)
@@ -454,8 +445,8 @@ class ResidualVectorQuantizer(nn.Module):
                 code, q = vq(residual)  # (N,), (N, D); DEVIATION 5: on every frame
                 z_q = z_q + active * q
                 # DEVIATION 4: beta ||r_i - sg(Q_i(r_i))||^2, summed over D, averaged over the
-                # frames whose example uses Q_i, summed over i. The sum (not a mean over D and
-                # over quantizers, 24 * 128 times smaller) lets it hold the latent in place.
+                # frames whose example uses Q_i, summed over i (not a mean over D and over the
+                # quantizers, 24 * 128 times smaller): our choice, to give it a say at all.
                 sq = (residual - q).pow(2).sum(1, keepdim=True)  # (N, 1)
                 commit = commit + (sq * active).sum() / active.sum().clamp(min=1)
                 # Detach q, not r_i: every r_i keeps its gradient path to the encoder, so every
@@ -490,6 +481,14 @@ class SoundStream(nn.Module):
         self.quantizer = ResidualVectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
         self.film = FiLM(cfg.latent_dim) if cfg.film != "none" else None
+        # Our choice (no DC): the last bias is set so that silence decodes to silence. PyTorch's
+        # default biases (kept: zero biases learnt ~20% slower in the tiny demo) give the
+        # untrained output a DC of +0.3..+0.5, which the mel loss hardly sees (the DC bin has
+        # weight 0 in every mel filterbank); the DC of an untrained model hardly depends on its
+        # input, so this removes it for speech too (tested).
+        with torch.no_grad():
+            silence = self.decoder(self.encoder(torch.zeros(1, 1, 16 * self.hop_length)))
+            self.decoder[-1].bias -= silence[..., -self.hop_length:].mean()  # past the start
 
     sample_rate = property(lambda self: self.cfg.sample_rate)
     channels = property(lambda self: 1)  # "a single channel recording" (§III)
@@ -738,22 +737,21 @@ def feature_loss(real, fake):
 
 
 class ReconstructionLoss(nn.Module):
-    """Eqs. 4-5, normalised (DEVIATION 1): for each scale s, S^s is a 64-band mel spectrogram
-    (window s, hop s/4) of the STFT magnitude divided by the window's sum, each band the mean of
-    its bins; the term is mean|S_x - S_y| + alpha_s * RMS(log S_x - log S_y), alpha_s = sqrt(s/2)
-    (Gritsenko et al. [48]), the norms over the bands, then averaged over frames and scales.
-    HTK mel scale, Hann window and the log floor 1e-5 are our choices. Filterbanks and windows
-    are buffers. Always float32, also under AMP (half precision cannot hold the 1e-5 floor)."""
+    """Eqs. 4-5 as written: for each scale s, S^s is a 64-band mel spectrogram (window s, hop
+    s/4) of the STFT magnitude; the term is ||S_x - S_y||_1 + alpha_s ||log S_x - log S_y||_2
+    over the bands of each frame, alpha_s = sqrt(s/2) (Gritsenko et al. [48]), summed over the
+    scales. Frames (and the batch) are averaged, not summed: a sum would tie the loss to the
+    crop length. HTK mel scale with peak-1 triangles, Hann window and the log floor 1e-5 are our
+    choices. Filterbanks and windows are buffers. Always float32, also under AMP (half precision
+    cannot hold the 1e-5 floor)."""
 
     def __init__(self, sample_rate, scales, n_mels):
         super().__init__()
         self.scales = tuple(scales)
         for s in self.scales:
             fb = mel_filterbank(sample_rate, s, n_mels, htk=True, norm=None)  # (64, s/2 + 1)
-            # a band is the mean of its bins; empty bands (s = 64 has 33 bins) stay 0 and add 0
-            self.register_buffer(f"fb{s}", fb / fb.sum(1, keepdim=True).clamp(min=1e-12), False)
-            window = torch.hann_window(s)
-            self.register_buffer(f"win{s}", window / window.sum(), persistent=False)
+            self.register_buffer(f"fb{s}", fb, persistent=False)
+            self.register_buffer(f"win{s}", torch.hann_window(s), persistent=False)
 
     def mel(self, x, s):  # x (B, T) -> S^s (B, 64, frames)
         window = getattr(self, f"win{s}")
@@ -765,18 +763,37 @@ class ReconstructionLoss(nn.Module):
             x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
             loss = 0.0
             for s in self.scales:
+                # at s = 64 (33 bins) many bands are empty: 0 for both signals, they add 0
                 S_x, S_y = self.mel(x, s), self.mel(x_hat, s)  # (B, 64, frames) each
-                l1 = (S_x - S_y).abs().mean(dim=1)  # (B, frames): Eq. 4's L1, a mean over bands
                 log_diff = S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()
-                l2 = (log_diff.pow(2).mean(dim=1) + 1e-12).sqrt()  # (B, frames); DEVIATION 3
+                l1 = (S_x - S_y).abs().sum(dim=1)  # (B, frames): Eq. 4's L1 over the bands
+                l2 = (log_diff.pow(2).sum(dim=1) + 1e-12).sqrt()  # (B, frames); DEVIATION 3
                 loss = loss + (l1 + math.sqrt(s / 2) * l2).mean()  # Eq. 5's alpha_s
-        return loss / len(self.scales)
+        return loss
 
 
-def loss_weights(run):
-    """Eq. 6 plus the commitment term, keyed by the names in the training log."""
-    return {"adv": run.lambda_adv, "feat": run.lambda_feat, "rec": run.lambda_rec,
-            "commit": run.commitment_weight}
+def balance(grads, ratios):
+    """DEVIATION 1: the adversarial and feature terms' weights are set each step so that their
+    gradients at x_hat are fixed fractions of the reconstruction term's. grads: {"rec", "adv",
+    "feat": (B, 1, T) gradient at x_hat}; ratios: {"adv", "feat": fraction}. Returns the gradient
+    to send into the generator, g_rec + sum_k ratio_k * |g_rec| / |g_k| * g_k, and the norms
+    (per example, averaged over the batch, as EnCodec's balancer; over every rank under DDP).
+    It is the idea of EnCodec's balancer (Defossez et al. 2022, §3.4: fix each term's share of
+    the gradient, not its loss weight), anchored on the reconstruction term as VQGAN's adaptive
+    weight is (Esser et al. 2021, Eq. 7), and without EnCodec's EMA of the norms: in the first
+    steps the norms change by orders of magnitude (|g_adv| ~300x in 30 steps), an EMA that
+    remembers them skews the shares for hundreds of steps, and the tiny demo learnt much worse
+    with EnCodec's balancer (decay 0.999 or 0.9; README, "How the objective was chosen")."""
+    names = list(grads)
+    norms = torch.stack([grads[k].flatten(1).norm(dim=1).mean() for k in names])
+    if is_distributed():  # every rank weighs with the norms of the global batch
+        dist.all_reduce(norms)
+        norms = norms / dist.get_world_size()
+    norms = dict(zip(names, norms))
+    out = grads["rec"] + sum(ratios[k] * norms["rec"] / (norms[k] + 1e-12) * grads[k]
+                             for k in ratios)
+    return out, norms
+
 
 # -------------------------------------------------------------------------------------------------
 # Noise for joint compression and enhancement (§III-F, §IV-A)
@@ -1163,7 +1180,6 @@ class Trainer:
         output's DC, per-codebook perplexity and the codes replaced since the last diagnosis."""
         self.model.train()  # evaluation and samples leave it in eval mode
         x, target, denoise = self.make_batch(batch)
-        w = loss_weights(self.run)
         with self.autocast():
             x_hat, codes, aux = self.G(x, denoise)
         # discriminators: real and fake in one forward (one DDP forward per backward)
@@ -1186,15 +1202,20 @@ class Trainer:
             fake = self.disc(x_hat)
             losses = {"adv": adversarial_loss(fake), "feat": feature_loss(real, fake),
                       "rec": self.rec_loss(target, x_hat), "commit": aux["commit"]}
-            g_loss = sum(w[k] * losses[k] for k in w)
-        stats = {"g": g_loss, "d": d_loss, **losses}
-        if diagnose:  # what each weighted term pushes on x_hat with (the balance of Eq. 6)
-            for k in ("adv", "feat", "rec"):
-                grad, = torch.autograd.grad(w[k] * losses[k], x_hat, retain_graph=True)
-                stats[f"|g_{k}|"] = grad.norm()
+        # the balanced gradient at x_hat (DEVIATION 1); under fp16 the loss scale S comes off
+        # each term's gradient before the norms, and goes back on for the backward through G
+        S = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        grads = {k: torch.autograd.grad(S * losses[k], x_hat, retain_graph=True)[0].float() / S
+                 for k in ("rec", "adv", "feat")}
+        g_x_hat, norms = balance(grads, {"adv": self.run.ratio_adv, "feat": self.run.ratio_feat})
         self.opt_g.zero_grad(set_to_none=True)
-        self.scaler.scale(g_loss).backward()
+        torch.autograd.backward(
+            [x_hat, losses["commit"]],
+            [S * self.run.lambda_rec * g_x_hat.to(x_hat.dtype),
+             S * self.run.commitment_weight * torch.ones_like(losses["commit"])])
         self.scaler.unscale_(self.opt_g)
+        stats = {"d": d_loss, **losses}
+        stats.update({f"|g_{k}|": v for k, v in norms.items()})  # raw, before balancing
         stats["|G|"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
         stats["|D|"] = d_norm
         self.scaler.step(self.opt_g)
