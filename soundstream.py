@@ -482,7 +482,7 @@ class SoundStream(nn.Module):
         self.decoder = Decoder(cfg)
         self.film = FiLM(cfg.latent_dim) if cfg.film != "none" else None
         # Our choice (no DC): the last bias is set so that silence decodes to silence. PyTorch's
-        # default biases (kept: zero biases learnt ~20% slower in the tiny demo) give the
+        # default biases (kept: zero biases learnt worse in the tiny demo, README) give the
         # untrained output a DC of +0.3..+0.5, which the mel loss hardly sees (the DC bin has
         # weight 0 in every mel filterbank); the DC of an untrained model hardly depends on its
         # input, so this removes it for speech too (tested).
@@ -1175,9 +1175,10 @@ class Trainer:
         return (inputs, targets, denoise) if self.cfg.film != "none" else (inputs, inputs, None)
 
     def step(self, batch, diagnose=False):
-        """One update of D (Eq. 1), then of G (Eq. 6). Returns the logged numbers as floats;
-        with `diagnose`, also each weighted term's gradient norm at x_hat, the latent RMS, the
-        output's DC, per-codebook perplexity and the codes replaced since the last diagnosis."""
+        """One update of D (Eq. 1), then of G (Eq. 6, balanced: DEVIATION 1). Returns the logged
+        numbers as floats, with each term's raw gradient norm at x_hat; with `diagnose`, also the
+        latent RMS, the output's DC, per-codebook perplexity and the codes replaced since the
+        last diagnosis."""
         self.model.train()  # evaluation and samples leave it in eval mode
         x, target, denoise = self.make_batch(batch)
         with self.autocast():
@@ -1208,6 +1209,7 @@ class Trainer:
         grads = {k: torch.autograd.grad(S * losses[k], x_hat, retain_graph=True)[0].float() / S
                  for k in ("rec", "adv", "feat")}
         g_x_hat, norms = balance(grads, {"adv": self.run.ratio_adv, "feat": self.run.ratio_feat})
+        # g_x_hat (B, 1, T); then one backward through G from x_hat and the commitment term
         self.opt_g.zero_grad(set_to_none=True)
         torch.autograd.backward(
             [x_hat, losses["commit"]],
