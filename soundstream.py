@@ -82,8 +82,9 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from common.audio import AudioError, load, peak_normalize, random_crop, save
-from common.data import AudioDataset, resolve_files
-from common.metrics import codebook_stats, mel_distance, mel_filterbank, pesq, plot_comparison, stoi
+from common import evaluation
+from common.data import AudioDataset, demo_manifest, read_manifest, resolve_files
+from common.metrics import codebook_stats, mel_filterbank, plot_comparison
 
 NAME = "soundstream"  # the model name in checkpoints and codes files; the generic blocks use it
 
@@ -144,6 +145,7 @@ class TrainConfig:
     sample_every: int = 5000       # steps between reconstruction wav + spectrogram PNGs
     ckpt_every: int = 5000         # steps between checkpoints
     eval_utterances: int = 20      # held-out utterances in the metrics table at the end
+    metrics: str = "default"       # the table's (common/evaluation.py); default: all installed
     num_workers: int = 4           # DataLoader worker processes
     threads: int = 0               # CPU threads; 0: the idle cores (busy cores stall torch)
     amp: str = "none"              # "bf16" / "fp16" mixed precision on CUDA; ignored on CPU
@@ -165,7 +167,7 @@ PRESETS = {
              TrainConfig(wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
                          stft_window=512, stft_hop=128, lr=1e-3, batch_size=8, segment_seconds=0.4,
                          steps=1200, log_every=50, sample_every=600, ckpt_every=300,
-                         eval_utterances=16, num_workers=0)),
+                         eval_utterances=16, metrics="mel,pesq,stoi", num_workers=0)),
 }
 
 
@@ -177,6 +179,7 @@ def check_config(cfg, run=None):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(obj, name)!r}")
     if run is not None:
+        evaluation.check_available(evaluation.parse_metrics(run.metrics))
         # the longest window that must fit in a crop: reflect padding needs T > window / 2
         need = max(max(run.mel_scales), run.stft_window) // 2 + 1
         have = int(run.segment_seconds * cfg.sample_rate)
@@ -1062,55 +1065,48 @@ def save_checkpoint(trainer, out):
         trainer.model.save(Path(out) / "model.pt")
 
 
-def quality(reference, estimate, sample_rate):
-    """Mel distance, PESQ and STOI of (1, T) signals; a metric that cannot be computed on them
-    (too short, silent) is NaN, with its reason in the returned "notes"."""
-    scores, notes = {}, []
-    for name, metric in (("mel", mel_distance), ("pesq", pesq), ("stoi", stoi)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                scores[name] = float(metric(reference, estimate, sample_rate))
-            except (ValueError, RuntimeError) as e:
-                scores[name] = float("nan")
-                notes.append(f"{name}: {e}")
-        notes += [f"{name}: {w.message}" for w in caught]
-    return scores, notes
-
-
 @torch.no_grad()
-def evaluate(model, files, n_qs, title, what="held-out utterances", notice=False):
-    """Prints mel distance (lower is better), wide-band PESQ, STOI (higher is better) and the
-    codebook entropy bitrate (the paper's entropy bound), averaged over `files`, for each n_q.
-    Returns the rows. Progress goes to stderr, and metric problems with the file they came from."""
+def evaluate(model, utterances, n_qs, title, metrics, what="held-out utterances", notice=False):
+    """The evaluation table (common/evaluation.py): `metrics` averaged over `utterances`, (file,
+    transcript or None) pairs, for the ground truth scored against itself (its WER is the
+    recogniser's own) and for each n_q, with the codebook entropy bitrate (the paper's entropy
+    bound). Returns the rows. Progress goes to stderr, and so does every note (a metric that
+    could not be computed on a file, named), counted in the table's last column."""
     model.eval()
     device = next(model.parameters()).device
-    print(f"{title}: {len(files)} {what}", flush=True)
-    wavs = [load(f, model.sample_rate, model.channels, notice=notice)[0].to(device) for f in files]
-    print(f"{'n_q':>4} {'kbps':>6} {'mel':>7} {'PESQ':>6} {'STOI':>6} {'H-kbps':>7}", flush=True)
+    if not any(text for _, text in utterances):  # e.g. a folder: nothing to compute a WER from
+        metrics = [m for m in metrics if not evaluation.METRICS[m].needs_transcript]
+    print(f"{title}: {len(utterances)} {what}", flush=True)
+    wavs = [load(f, model.sample_rate, model.channels, notice=notice)[0].to(device)
+            for f, _ in utterances]
+    columns = (("n_q", "n_q", ""), ("kbps", "kbps", ".2f"), ("entropy_kbps", "H-kbps", ".2f"))
+    print(evaluation.table_header(metrics, columns), flush=True)
     rows = []
-    for n_q in n_qs:
-        scores, codes = [], []
-        for i, (f, wav) in enumerate(zip(files, wavs)):
+    for n_q in ["truth", *n_qs]:
+        scores, codes, notes = [], [], []
+        for i, ((f, text), wav) in enumerate(zip(utterances, wavs)):
             if sys.stderr.isatty():  # progress
-                print(f"\r  n_q {n_q}: {i + 1}/{len(files)}", end="", file=sys.stderr, flush=True)
-            c = model.encode(wav[None], n_q)  # (1, n_q, L)
-            codes.append(c.cpu())
-            rec = model.decode(c)[0, :, :wav.shape[-1]].cpu()
-            s, notes = quality(wav.cpu(), rec, model.sample_rate)
+                print(f"\r  n_q {n_q}: {i + 1}/{len(wavs)}", end="", file=sys.stderr, flush=True)
+            if n_q == "truth":
+                rec = wav.cpu()
+            else:
+                c = model.encode(wav[None], n_q)  # (1, n_q, L)
+                codes.append(c.cpu())
+                rec = model.decode(c)[0, :, :wav.shape[-1]].cpu()
+            s, n = evaluation.score(wav.cpu(), rec, model.sample_rate, metrics, text, name=f)
             scores.append(s)
-            for note in notes:
-                print(f"\rnote: {f}: {note}", file=sys.stderr)
+            notes += n
         if sys.stderr.isatty():
             print("\r", end="", file=sys.stderr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the mean of all-NaN is NaN: fine
-            mean = {k: float(np.nanmean([s[k] for s in scores])) for k in scores[0]}
-        h = codebook_stats(codes, model.codebook_size, model.frame_rate)["bitrate_entropy"]
-        row = {"n_q": n_q, "kbps": model.bitrate(n_q) / 1000, **mean, "entropy_kbps": h / 1000}
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        row = {"n_q": n_q, **evaluation.mean_scores(scores), "notes": len(notes)}
+        if codes:
+            h = codebook_stats(codes, model.codebook_size, model.frame_rate)["bitrate_entropy"]
+            row.update(kbps=model.bitrate(n_q) / 1000, entropy_kbps=h / 1000)
         rows.append(row)
-        print(f"{n_q:>4} {row['kbps']:>6.2f} {row['mel']:>7.3f} {row['pesq']:>6.2f} "
-              f"{row['stoi']:>6.3f} {row['entropy_kbps']:>7.2f}", flush=True)
+        print(evaluation.table_row(row, metrics, columns), flush=True)
+    print(evaluation.table_legend(metrics), flush=True)
     return rows
 
 
@@ -1271,12 +1267,11 @@ class Trainer:
         set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
 
 
-def eval_files(data, limit=None):
-    """Held-out files: the test split of the demo corpus or of a manifest, or a user's folder."""
-    files = resolve_files(data or None, "test")
-    if not files:
-        raise ValueError(f"{data or 'the demo corpus'} has no utterances with split 'test'")
-    return files[:limit]
+def eval_utterances(data, limit=None):
+    """Held-out (file, transcript or None) pairs: the test split of the demo corpus or of a
+    manifest (its "text" field)."""
+    entries = read_manifest(data or demo_manifest(), "test")
+    return [(Path(e["path"]), e.get("text")) for e in entries][:limit]
 
 
 def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
@@ -1304,7 +1299,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
     noise_files = resolve_files(run.noise_dir) if run.noise_dir else None
     use_noise = cfg.film != "none" or noise_files
     dataset = SpeechAndNoise(speech, noise_files) if use_noise else speech
-    held_out = eval_files(run.data, run.eval_utterances) if is_manifest else None
+    held_out = eval_utterances(run.data, run.eval_utterances) if is_manifest else None
     if master:
         out.mkdir(parents=True, exist_ok=True)
         m = trainer.model
@@ -1317,7 +1312,8 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
               f"{world} process(es) on {device}"
               + (f", {threads} CPU thread(s){why}" if threads else ""), flush=True)
         if not start and held_out:  # the untrained model, to compare with the final table
-            evaluate(m, held_out, [cfg.num_quantizers], "untrained model (step 0)")
+            evaluate(m, held_out, [cfg.num_quantizers], "untrained model (step 0)",
+                     evaluation.parse_metrics(run.metrics))
     try:
         history = fit(trainer, run, dataset, interrupt_after)
     except BaseException:
@@ -1331,7 +1327,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         trainer.write_sample(out / "samples" / "final")
         if held_out:
             evaluate(trainer.model, held_out, bitrate_ladder(cfg.num_quantizers),
-                     f"step {trainer.step_count}")
+                     f"step {trainer.step_count}", evaluation.parse_metrics(run.metrics))
         else:
             print(f"note: {run.data} is a folder, which has no held-out split; evaluate on another "
                   f"folder with --eval --data DIR")
@@ -1453,7 +1449,7 @@ def parse_bool(text):
 
 # run settings a resumed run may change; everything else is fixed by its checkpoint
 RESUME_OVERRIDES = ("steps", "log_every", "sample_every", "ckpt_every", "eval_utterances",
-                    "num_workers", "threads")
+                    "metrics", "num_workers", "threads")
 
 
 def configs_from_args(args):
@@ -1485,13 +1481,15 @@ def main(argv=None):
     n_q = model.n_q_for_bitrate(args.bitrate) if args.bitrate is not None else args.n_q
     if n_q is not None and not 1 <= n_q <= model.num_codebooks:
         raise ValueError(f"n_q must be in 1..{model.num_codebooks}, got {n_q}")
+    metrics = evaluation.check_available(evaluation.parse_metrics(args.metrics))
     if args.eval:
         n_qs = [n_q] if n_q else bitrate_ladder(model.num_codebooks)
         if args.data and not args.data.endswith(".jsonl"):  # a user's folder: all of its files
-            files = resolve_files(args.data)[:args.eval_utterances]
-            evaluate(model, files, n_qs, args.ckpt, what=f"files of {args.data}", notice=True)
+            files = [(f, None) for f in resolve_files(args.data)[:args.eval_utterances]]
+            evaluate(model, files, n_qs, args.ckpt, metrics, f"files of {args.data}", notice=True)
         else:
-            evaluate(model, eval_files(args.data, args.eval_utterances), n_qs, args.ckpt)
+            evaluate(model, eval_utterances(args.data, args.eval_utterances), n_qs, args.ckpt,
+                     metrics)
         return
     if not args.out:
         raise ValueError("--out is required")
@@ -1524,7 +1522,8 @@ def main(argv=None):
         save(args.out, rec, sr)
         png = Path(args.out).with_suffix(".png")
         plot_comparison(png, wav, rec, sr, title=Path(args.reconstruct).name)
-        q, notes = quality(wav, rec, sr)
+        per_pair = [m for m in metrics if not evaluation.METRICS[m].needs_transcript]
+        q, notes = evaluation.score(wav, rec, sr, per_pair)
         shown = ", ".join(f"{k} {v:.3f}" if math.isfinite(v) else f"{k} n/a" for k, v in q.items())
         print(f"{args.reconstruct} -> {args.out} (and the spectrograms {png}) at "
               f"{model.bitrate(n_q) / 1000:g} kbps: {shown}")

@@ -35,7 +35,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     model = ss.SoundStream.load(args.ckpt).eval()
-    files = ss.eval_files(args.data, args.utterances)
+    files = [f for f, _ in ss.eval_utterances(args.data, args.utterances)]
     N_q = model.num_codebooks
     rows = {n_q: [] for n_q in range(1, N_q + 1)}
     rows["z"] = []

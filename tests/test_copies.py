@@ -198,7 +198,7 @@ def test_checker_reports_missing_origins_and_dangling_markers(tmp_path):
 TEMPLATE_BLOCKS = {"soundstream.py": [
     "is_distributed", "setup_distributed", "busy_cores", "pick_threads", "rng_state",
     "set_rng_state", "atomic_save", "load_checkpoint", "config_from_dict", "batches_for_epoch",
-    "log_line", "fit", "save_checkpoint", "quality", "evaluate", "bitrate_ladder", "field_help",
+    "log_line", "fit", "save_checkpoint", "evaluate", "bitrate_ladder", "field_help",
     "Parser", "parse_bool"]}
 
 

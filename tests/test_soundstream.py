@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import soundstream as ss
-from common.audio import save
+from common import evaluation
+from common.audio import load, save
 from common.data import AudioDataset, resolve_files
 from common.metrics import mel_filterbank
 
@@ -694,12 +695,12 @@ def test_cli_round_trip_and_clear_errors(tmp_path, mini_ckpt):
     r = cli("--decode", tmp_path / "codes.npz", "--ckpt", mini_ckpt, "--out", tmp_path / "out.wav")
     assert r.returncode == 0, r.stderr
     r = cli("--reconstruct", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out",
-            tmp_path / "rec.wav", "--streaming")
+            tmp_path / "rec.wav", "--streaming", "--metrics", "mel,pesq,stoi")
     assert r.returncode == 0 and "pesq" in r.stdout and "rec.png" in r.stdout, r.stderr
     assert (tmp_path / "rec.png").is_file()
     save(tmp_path / "short.wav", 0.1 * torch.randn(1, 100), 16000)  # valid audio of any length
     r = cli("--reconstruct", tmp_path / "short.wav", "--ckpt", mini_ckpt, "--out",
-            tmp_path / "short_rec.wav")
+            tmp_path / "short_rec.wav", "--metrics", "mel,pesq,stoi")
     assert r.returncode == 0 and "mel n/a" in r.stdout and "Traceback" not in r.stderr, r.stderr
 
     bad_codes = tmp_path / "bad.npz"
@@ -733,10 +734,34 @@ def test_cli_round_trip_and_clear_errors(tmp_path, mini_ckpt):
         (("--train", "--preset", "tiny", "--segment_seconds", 0.05, "--out", tmp_path / "r"),
          "gives 800 samples; the training losses need at least 1025"),
         (("--eval", "--ckpt", mini_ckpt, "--data", manifest), "no utterances with split 'test'"),
+        (("--eval", "--ckpt", mini_ckpt, "--metrics", "mel,wre"), "unknown metric(s) wre; choose"),
     ]:
         r = cli(*args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluation_table_scores_the_truth_and_counts_notes(tmp_path, capsys):
+    """evaluate(): a ground-truth row (the reference against itself: mel 0, STOI 1), one row per
+    n_q with its bitrate, NaN-free means over the files a metric could be computed on, and the
+    notes of a file that is too short for STOI counted in its row and named on stderr."""
+    model = ss.SoundStream(MINI_CFG).eval()
+    (f, text), = ss.eval_utterances("", 1)
+    short = tmp_path / "short.wav"
+    save(short, 0.1 * torch.randn(1, 2000), 16000)  # 0.125 s: too few frames for STOI
+    rows = ss.evaluate(model, [(f, text), (short, None)], [1, 2], "t", ["mel", "stoi"])
+    assert [r["n_q"] for r in rows] == ["truth", 1, 2]
+    assert rows[0]["mel"] == 0 and rows[0]["stoi"] == pytest.approx(1, abs=1e-6)
+    assert [r.get("kbps") for r in rows] == [None, model.bitrate(1) / 1000, model.bitrate(2) / 1000]
+    wav = load(f, 16000, 1)[0]
+    rec = ss.reconstruct(model, wav, 2)
+    alone = evaluation.score(wav, rec, 16000, ["stoi"])[0]["stoi"]  # the short file has no STOI
+    assert rows[2]["stoi"] == pytest.approx(alone, abs=1e-6) and rows[2]["notes"] == 1
+    err = capsys.readouterr().err
+    assert "short.wav: stoi" in err
+    # no transcripts (a folder): the transcript metrics leave the table instead of NaN rows
+    ss.evaluate(model, [(short, None)], [1], "t", ["mel", "wer"])
+    assert "WER" not in capsys.readouterr().out
 
 
 def test_help_documents_every_flag():
