@@ -164,6 +164,42 @@ def test_score_turns_problems_into_nan_with_notes(monkeypatch):
         E.score(x, x, 16000, ["stoi"])
 
 
+def test_mean_scores_ignores_nan_by_hand():
+    nan = float("nan")
+    m = E.mean_scores([{"a": 1.0, "b": nan}, {"a": 3.0, "b": 2.0}, {"a": 5.0, "b": nan}])
+    assert m["a"] == 3.0 and m["b"] == 2.0  # b: the one file it could be computed on
+    assert math.isnan(E.mean_scores([{"a": nan}])["a"])
+
+
+def test_check_available_names_the_missing_and_the_install(monkeypatch):
+    monkeypatch.setattr(E, "available_metrics", lambda: ["mel", "pesq", "stoi"])
+    assert E.check_available(["mel", "stoi"]) == ["mel", "stoi"]
+    with pytest.raises(ValueError) as info:
+        E.check_available(["mel", "wer", "spk"])
+    assert "wer, spk" in str(info.value) and E.INSTALL in str(info.value)
+
+
+def test_digit_wer_reads_oh_as_zero_on_both_sides(monkeypatch):
+    """The transcript's "oh" and the recogniser's "oh" both count as "zero" (the decoder is a
+    stand-in returning fixed words, so this runs without pocketsphinx)."""
+    class Decoder:
+        def __init__(self, words):
+            self.words = words
+        def start_utt(self): pass
+        def process_raw(self, pcm, full_utt): pass
+        def end_utt(self): pass
+        def hyp(self):
+            return type("Hyp", (), {"hypstr": self.words})()
+
+    x = 0.1 * torch.randn(16000)
+    for words, transcript, expected in [("zero one", "oh one", 0.0), ("oh one", "zero one", 0.0),
+                                        ("oh oh", "zero one", 0.5), ("", "one two", 1.0)]:
+        monkeypatch.setattr(E, "_sphinx", lambda w=words: Decoder(w))
+        assert E.digit_wer(transcript, x, 16000) == expected, (words, transcript)
+    with pytest.raises(ValueError, match="needs a transcript of digits"):
+        E.digit_wer("hello world", x, 16000)
+
+
 def test_missing_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "pocketsphinx", None)  # import now fails as if not installed
     E._sphinx.cache_clear()
