@@ -535,9 +535,14 @@ def parse_metrics(text):
     if text in (None, "", "default"):
         return default_metrics()
     names = [n.strip() for n in text.split(",") if n.strip()]
+    per_pair = [n for n, m in METRICS.items() if m.per_pair]
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(per_pair)}")
+    sets = [n for n in names if not METRICS[n].per_pair]
+    if sets:  # the table is per file; a set statistic has no per-file value
+        raise ValueError(f"{', '.join(sets)} compares sets of clips, not a file with its reference: "
+                         f"call common.evaluation.frechet_distance; the table takes {', '.join(per_pair)}")
     return names
 
 

@@ -220,6 +220,8 @@ def test_registry_and_defaults():
     assert E.parse_metrics("mel, wer") == ["mel", "wer"]
     with pytest.raises(ValueError, match="unknown metric"):
         E.parse_metrics("mel,fad")
+    with pytest.raises(ValueError, match="fd compares sets of clips"):  # no per-file value
+        E.parse_metrics("mel,fd")
 
 
 def test_format_table_exact():
