@@ -70,7 +70,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,9 +158,10 @@ PRESETS = {
     # AudioLM's acoustic tokenizer (Borsos et al. 2023, §IV): 16 kHz, M = 320 -> 50 Hz, 12 x 1024
     # (6 kbps). Everything else AudioLM leaves unsaid: the paper preset's (our choice).
     "audiolm": (Config(sample_rate=16000, num_quantizers=12), TrainConfig()),
-    # CPU demo on the 16 kHz demo corpus, ~8 min on 2 idle cores (README). Our choices: narrow nets,
+    # CPU demo on the 16 kHz demo corpus, ~9 min on 2 idle cores (README). Our choices: narrow nets,
     # short crops, a higher learning rate; K = 32 so that a batch (8 x 0.4 s x 50 Hz = 160
-    # frames) gives ~5 frames per entry, above the dead-code threshold of 2.
+    # frames) gives ~5 frames per entry, above the dead-code threshold of 2; only the cheap
+    # metrics in its tables (ViSQOL, WER, MCD would add minutes: --eval has them).
     "tiny": (Config(sample_rate=16000, enc_channels=8, dec_channels=8, latent_dim=32,
                     num_quantizers=8, codebook_size=32),
              TrainConfig(wave_disc_channels=4, wave_disc_max_channels=64, stft_disc_channels=4,
