@@ -132,6 +132,8 @@ class TrainConfig:
     # optimisation: the paper gives none of these; our choices
     lr: float = 3e-4               # Adam 3e-4, betas (0.5, 0.9): EnCodec's training recipe
     betas: tuple[float, ...] = (0.5, 0.9)  # (see lr)
+    lr_decay: float = 1.0          # lr x lr_decay^step (DAC's ExponentialLR; 1: constant)
+    gan_start: int = 0             # steps with the reconstruction loss only, D untrained (PWG)
     grad_clip: float = 100.0       # our choice: clip G and D gradient norms at 100 (DAC: 1000)
     batch_size: int = 32           # global batch, split over DDP ranks
     segment_seconds: float = 3.0   # 3 s crops, the crop §IV-A mixes noise into
@@ -1176,9 +1178,14 @@ class Trainer:
         latent RMS, the output's DC, per-codebook perplexity and the codes replaced since the
         last diagnosis."""
         self.model.train()  # evaluation and samples leave it in eval mode
+        lr = self.run.lr * self.run.lr_decay ** self.step_count  # from the step: exact on resume
+        for group in self.opt_g.param_groups + self.opt_d.param_groups:
+            group["lr"] = lr
         x, target, denoise = self.make_batch(batch)
         with self.autocast():
             x_hat, codes, aux = self.G(x, denoise)
+        if self.step_count < self.run.gan_start:
+            return self.warmup_step(x_hat, codes, aux, target, diagnose)
         # discriminators: real and fake in one forward (one DDP forward per backward)
         with self.autocast():
             both = self.D(torch.cat([target, x_hat.detach()]))  # 2B examples
@@ -1218,6 +1225,24 @@ class Trainer:
         stats["|D|"] = d_norm
         self.scaler.step(self.opt_g)
         self.disc.requires_grad_(True)
+        return self.finish_step(stats, x_hat, codes, aux, diagnose)
+
+    def warmup_step(self, x_hat, codes, aux, target, diagnose):
+        """A generator update on the reconstruction and commitment terms only, D untouched: the
+        first `gan_start` steps, as Parallel WaveGAN (Yamamoto et al. 2020) fixes D for its
+        first 100k steps."""
+        with self.autocast():
+            rec = self.rec_loss(target, x_hat)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss = self.run.lambda_rec * rec + self.run.commitment_weight * aux["commit"]
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt_g)
+        stats = {"rec": rec, "commit": aux["commit"],
+                 "|G|": nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)}
+        self.scaler.step(self.opt_g)
+        return self.finish_step(stats, x_hat, codes, aux, diagnose)
+
+    def finish_step(self, stats, x_hat, codes, aux, diagnose):
         self.scaler.update()
         self.step_count += 1
         stats = {k: v.item() for k, v in stats.items()}
