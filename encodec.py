@@ -2,47 +2,85 @@
 EnCodec: High Fidelity Neural Audio Compression, in one file.
 
 Defossez, Copet, Synnaeve, Adi. TMLR 2023. arXiv 2210.13438.
-Official code: facebookresearch/encodec, compared against PyPI `encodec` 0.1.1 (inference) and
-for training against audiocraft's compression solver, which the paper's training followed.
+Official code: facebookresearch/encodec, inference only; this file equals PyPI `encodec` 0.1.1 on
+identical weights (tests/test_encodec.py) and loads Meta's released weights unedited. The paper's
+training (losses, discriminator, balancer) has no official code: it follows the paper, with
+audiocraft's compression solver where the paper is silent.
 
 Paper -> code
   §3.1 encoder / decoder ........ SConv1d, SConvTranspose1d, ResnetBlock, SLSTM, Encoder, Decoder
-  §3.1 48 kHz: 1 s chunks ....... EnCodec.encode / decode (segment, overlap, scale), overlap_add
-  §3.2 RVQ, bandwidths .......... Codebook (EMA, k-means, dead codes), ResidualVectorQuantizer
+  §3.1 48 kHz: 1 s segments ..... EnCodec.segments / normalize / decode, overlap_add
+  §3.1 streamable padding ....... SConv1d, SConvTranspose1d, EnCodec.streaming()
+  §3.2 RVQ, bandwidths .......... Codebook (EMA, k-means, dead codes), ResidualVectorQuantizer,
+                                  EnCodec.n_q_for_bandwidth, Trainer.draws
+  §3.4 MS-STFT discriminator .... STFTDiscriminator, MultiScaleSTFTDiscriminator
+  §3.4 losses, Eqs. 1-4 ......... FrequencyLoss (Eq. 1), feature_loss (Eq. 2), commitment in
+                                  ResidualVectorQuantizer (Eq. 3), adversarial_loss,
+                                  discriminator_loss, Trainer.step (Eq. 4)
+  §3.4 balancer, Eq. 5 .......... Balancer
+  §4.4 training recipe .......... TrainConfig, PRESETS
   released weights .............. EnCodec.from_official (encodec_24khz / 48khz .th, Hugging Face)
-  streaming ..................... EnCodec.streaming()
 
 Shapes: B batch, C audio channels, T samples, F frames (T / M), M hop = prod(ratios) = 320,
-D latent dim, Q codebooks in use, K codebook size, N rows of flattened (B*F, D) frames.
-`F` is torch.nn.functional.
+D latent dim, Q codebooks in use, K codebook size, N rows of flattened (B*F, D) frames, S
+segments. `F` is torch.nn.functional.
 
-DEVIATIONS from the official code (each tagged `# DEVIATION` where it happens); none changes
-what the released weights compute at inference, which is tested equal to `encodec` 0.1.1.
+DEVIATIONS (each tagged `# DEVIATION` where it happens). None changes what the released weights
+compute at inference, which is tested equal to `encodec` 0.1.1.
   1. The RVQ residual keeps its gradient path (facebookresearch/encodec issue #25): the official
-     straight-through trick inside each layer leaves r_{i+1} with no gradient, so only the first
+     straight-through trick inside each layer leaves r_{i+1} without gradient, so only the first
      codebook's commitment term reaches the encoder. Fixed here, for training only.
   2. Dead-code replacement that takes effect: the official code writes the new entry into
      `embed` and, in the same call, overwrites `embed` with embed_avg / cluster_size, so the
-     replacement is undone at once (measured: tests/test_encodec.py). Here the EMA sums and
-     counts are replaced too, as soundstream.py does.
+     replacement is undone at once (tested). Here the EMA sum and count are replaced too.
+  3. One discriminator for every bandwidth: §3.4 found one per bandwidth "beneficial"; neither
+     audiocraft nor this file does it (it multiplies D by the number of bandwidths).
+The official architecture differs from §3.1's text, and the released weights need the code's:
+a residual unit of kernels 3 and 1 at half the channels with a 1x1 conv skip (§3.1: two
+kernel-3 convs and a skip), a skip around each LSTM, reflect padding, GroupNorm(1, C) for the
+"layer normalization" of the 48 kHz model. Where §3.4 is silent (hop of D's STFTs, the norms
+of Eq. 1, the commitment weight) the comment says whose choice is taken.
 
 Commands
-  python encodec.py --reconstruct in.wav --official encodec_24khz-d7cc33bc.th --out out.wav
+  python encodec.py --train --preset tiny                            # demo corpus, CPU, < 10 min
+  python encodec.py --train --preset 24khz --data /data/speech       # one GPU
+  torchrun --standalone --nproc_per_node=8 encodec.py --train --preset 24khz --data DIR
+  python encodec.py --train --resume --out runs/encodec              # continue where it stopped
+  python encodec.py --reconstruct in.wav --official encodec_24khz-d7cc33bc.th --out out.wav \
+      --bandwidth 6
+  python encodec.py --encode in.wav --ckpt runs/encodec/model.pt --out codes.npz --bandwidth 1
+  python encodec.py --decode codes.npz --ckpt runs/encodec/model.pt --out out.wav
+  python encodec.py --eval --ckpt runs/encodec/model.pt [--data DIR]
 """
 
+import argparse
 import contextlib
 import dataclasses
+import difflib
+import inspect
 import math
+import os
+import random
 import re
+import signal
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
+
+from common.audio import AudioError, load, save
+from common import evaluation
+from common.data import AudioDataset, demo_manifest, read_manifest, resolve_files
+from common.metrics import codebook_stats, mel_filterbank, plot_comparison
 
 NAME = "encodec"  # the model name in checkpoints and codes files; the generic blocks use it
 
@@ -78,30 +116,97 @@ class Config:
     dead_code_threshold: float = 2.0  # official code: replace entries with EMA count < 2
 
 
+@dataclass
+class TrainConfig:
+    """How the model is trained: discriminator, losses, balancer, optimizer, data, the run."""
+    # MS-STFT discriminator (§3.4)
+    disc_filters: int = 32         # 32 channels (§3.4)
+    disc_windows: tuple[int, ...] = (2048, 1024, 512, 256, 128)  # 5 scales (§3.4)
+    disc_kernel: tuple[int, ...] = (3, 8)  # kernel 3 x 8 (§3.4; the official file has 3 x 9)
+    disc_prob: float = 2 / 3       # D updated with probability 2/3 at 24 kHz, 0.5 at 48 (§3.4)
+    # losses and the balancer (§3.4, §4.4)
+    lambda_t: float = 0.1          # lambda_t = 0.1 (§4.4)
+    lambda_f: float = 1.0          # lambda_f = 1 (§4.4)
+    lambda_g: float = 3.0          # lambda_g = 3 at 24 kHz, 4 at 48 kHz (§4.4)
+    lambda_feat: float = 3.0       # lambda_feat = 3 at 24 kHz, 4 at 48 kHz (§4.4)
+    lambda_w: float = 1.0          # commitment weight: official code (the paper gives none)
+    balancer_decay: float = 0.999  # beta = 0.999 (§3.4)
+    mel_bins: int = 64             # 64-bin mel spectrograms (§3.4)
+    mel_scales: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)  # 2^i, i = 5..11 (Eq. 1)
+    # optimisation (§4.4)
+    lr: float = 3e-4               # Adam, learning rate 3e-4 (§4.4)
+    betas: tuple[float, ...] = (0.5, 0.9)  # beta_1 = 0.5, beta_2 = 0.9 (§4.4)
+    lr_decay: float = 1.0          # lr x lr_decay^step; 1: constant (the paper has no schedule)
+    gan_start: int = 0             # steps with l_t and l_f only, D untrained (our choice: tiny)
+    grad_clip: float = 100.0       # our choice: clip G and D gradient norms at 100
+    batch_size: int = 64           # 64 examples (§4.4)
+    segment_seconds: float = 1.0   # of 1 second each (§4.4)
+    # the run
+    data: str = ""                 # folder or .jsonl manifest; "": the demo corpus in data/demo
+    out: str = "runs/encodec"      # checkpoints, log, samples
+    steps: int = 600_000           # 300 epochs of 2000 updates (§4.4)
+    seed: int = 0                  # weights, crops, bandwidths and D updates follow from it
+    log_every: int = 100           # steps between log lines (each with full diagnostics)
+    sample_every: int = 5000       # steps between reconstruction wav + spectrogram PNGs
+    ckpt_every: int = 5000         # steps between checkpoints
+    eval_utterances: int = 20      # held-out utterances in the metrics table at the end
+    metrics: str = "default"       # the table's (common/evaluation.py); default: all installed
+    num_workers: int = 4           # DataLoader worker processes
+    threads: int = 0               # CPU threads; 0: the idle cores (busy cores stall torch)
+    amp: str = "none"              # "bf16" / "fp16" mixed precision on CUDA; ignored on CPU
+    compile: bool = False          # torch.compile the codec (CUDA)
+
+
 PRESETS = {
-    "24khz": Config(),
-    # encodec_model_48khz: stereo, not causal, time-group norm, 150 Hz, 16 x 1024 (§4.1)
-    "48khz": Config(sample_rate=48000, channels=2, causal=False, norm="time_group_norm",
-                    num_quantizers=16, bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True,
-                    segment=1.0),
+    "24khz": (Config(), TrainConfig()),
+    # encodec_model_48khz: stereo, not causal, time-group norm, 150 Hz, 16 x 1024 (§4.1); the
+    # discriminator's windows doubled, trained every other batch, lambda_g = lambda_feat = 4
+    "48khz": (Config(sample_rate=48000, channels=2, causal=False, norm="time_group_norm",
+                     num_quantizers=16, bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True,
+                     segment=1.0),
+              TrainConfig(disc_windows=(4096, 2048, 1024, 512, 256), disc_prob=0.5, lambda_g=4.0,
+                          lambda_feat=4.0)),
     # AudioGen's tokenizer (audiocraft encodec_audiogen_16khz, reference/lms.md §1.2): 16 kHz,
     # 50 Hz, 4 x 2048 (2.2 kbps), 64 filters, identity skips, constant padding, not causal
-    "audiogen16k": Config(sample_rate=16000, causal=False, n_filters=64, true_skip=True,
-                          pad_mode="constant", num_quantizers=4, codebook_size=2048,
-                          bandwidths=(2.2,)),
+    "audiogen16k": (Config(sample_rate=16000, causal=False, n_filters=64, true_skip=True,
+                           pad_mode="constant", num_quantizers=4, codebook_size=2048,
+                           bandwidths=(2.2,)), TrainConfig()),
+    # CPU demo on the 16 kHz demo corpus. Our choices: narrow nets, K = 32 (5-bit codebooks,
+    # 0.25 kbps each at 50 Hz), short crops, a higher learning rate, a reconstruction-only start
+    "tiny": (Config(sample_rate=16000, n_filters=8, dimension=32, num_quantizers=8,
+                    codebook_size=32, bandwidths=(0.25, 0.5, 1.0, 2.0), kmeans_iters=10),
+             TrainConfig(disc_filters=8, disc_windows=(1024, 512, 256, 128, 64), lr=1e-3,
+                         lr_decay=0.999, gan_start=2000, batch_size=8, segment_seconds=0.4,
+                         steps=2300, log_every=50, sample_every=1000, ckpt_every=500,
+                         eval_utterances=16, metrics="mel,pesq,stoi", num_workers=0)),
 }
 CHOICES = {"norm": ("weight_norm", "time_group_norm", "none"),
-           "pad_mode": ("reflect", "constant")}
+           "pad_mode": ("reflect", "constant"), "amp": ("none", "bf16", "fp16")}
 
 
-def check_config(cfg):
-    """One-line errors for values the model cannot be built with."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
-                             f"got {getattr(cfg, name)!r}")
+def check_config(cfg, run=None):
+    """One-line errors for values the model cannot be built or trained with."""
+    for obj in (cfg, run):
+        for name, allowed in CHOICES.items():
+            if obj is not None and hasattr(obj, name) and getattr(obj, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(obj, name)!r}")
     if cfg.causal and cfg.norm == "time_group_norm":
         raise ValueError("time_group_norm normalises over the whole signal: it cannot be causal")
+    per_q = math.ceil(cfg.sample_rate / math.prod(cfg.ratios)) * math.log2(cfg.codebook_size) / 1e3
+    for b in cfg.bandwidths:
+        if not 1 <= math.floor(b / per_q) <= cfg.num_quantizers:
+            raise ValueError(f"bandwidth {b:g} kbps needs {b / per_q:g} codebooks of "
+                             f"{per_q:g} kbps; the model has 1..{cfg.num_quantizers}")
+    if run is not None:
+        evaluation.check_available(evaluation.parse_metrics(run.metrics))
+        # the longest window that must fit in a crop: reflect padding needs T > window / 2
+        need = max(max(run.mel_scales) // 2 + 1, max(run.disc_windows))  # D: center=False
+        have = int(run.segment_seconds * cfg.sample_rate)
+        if have < need:
+            raise ValueError(f"segment_seconds {run.segment_seconds:g} gives {have} samples; the "
+                             f"training losses need at least {need} "
+                             f"({need / cfg.sample_rate:.3f} s)")
 
 # -------------------------------------------------------------------------------------------------
 # Building blocks: the official code's streamable convolutions (module names = its keys)
@@ -265,6 +370,7 @@ class Decoder(nn.Module):
 # Residual vector quantizer (§3.2)
 
 
+# Copied from soundstream.py: is_distributed
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -443,6 +549,7 @@ class EnCodec(nn.Module):
         self.encoder = Encoder(cfg)
         self.quantizer = ResidualVectorQuantizer(cfg)
         self.decoder = Decoder(cfg)
+        self.streaming_calls = None  # inside streaming(): calls so far, {"encode", "decode"}
 
     sample_rate = property(lambda self: self.cfg.sample_rate)
     channels = property(lambda self: self.cfg.channels)
@@ -452,18 +559,19 @@ class EnCodec(nn.Module):
     num_codebooks = property(lambda self: self.cfg.num_quantizers)
     codebook_size = property(lambda self: self.cfg.codebook_size)
 
-    def bandwidth(self, n_q=None):
-        """kbps with n_q codebooks: frame_rate * n_q * log2(K) / 1000."""
-        return self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size) / 1e3
+    def bitrate(self, n_q=None):
+        """Bits per second with n_q codebooks: frame_rate * n_q * log2(K) (§3.2)."""
+        return self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size)
 
     def n_q_for_bandwidth(self, kbps=None):
-        """The official rule: n_q = max(1, floor(kbps / per-codebook kbps)); None: all."""
+        """The official rule, n_q = max(1, floor(kbps / per-codebook kbps)); None: all. Only the
+        bandwidths the model was trained for (cfg.bandwidths) are accepted."""
         if kbps is None:
             return self.num_codebooks
         if kbps not in self.cfg.bandwidths:
             raise ValueError(f"this model codes {', '.join(f'{b:g}' for b in self.cfg.bandwidths)}"
                              f" kbps; got {kbps:g}")
-        return max(1, math.floor(kbps / self.bandwidth(1)))
+        return max(1, math.floor(kbps * 1000 / self.bitrate(1)))
 
     def check_wav(self, wav, sample_rate=None):
         if sample_rate is not None and sample_rate != self.sample_rate:
@@ -507,18 +615,33 @@ class EnCodec(nn.Module):
         return x_hat, codes, {"commit": commit, "latent_rms": z.detach().pow(2).mean().sqrt()}
 
     @torch.no_grad()
-    def encode(self, wav, bandwidth=None, sample_rate=None):
-        """wav (B, C, T) -> Encoded(codes (B, n_q, F), scale (B, S) or None)."""
+    def encode(self, wav, n_q=None, bandwidth=None, sample_rate=None):
+        """wav (B, C, T) -> Encoded(codes (B, n_q, F), scale (B, S) or None). n_q, or the
+        bandwidth in kbps, picks the codebooks; default: all."""
         self.check_wav(wav, sample_rate)
-        n_q = self.n_q_for_bandwidth(bandwidth)
+        n_q = n_q or self.n_q_for_bandwidth(bandwidth)
+        if not 1 <= n_q <= self.num_codebooks:
+            raise ValueError(f"n_q must be in 1..{self.num_codebooks}, got {n_q}")
+        if self.streaming_calls is not None:
+            self.check_chunk(wav.shape[-1] / self.hop_length, "encode", "samples")
         codes, scales = [], []
-        with parametrize.cached():  # weight norm computed once per call, not per chunk
+        with parametrize.cached():  # weight norm computed once per call, not per conv call
             for start, length in self.segments(wav.shape[-1]):
                 x, scale = self.normalize(wav[..., start:start + length])
                 codes.append(self.quantizer.encode(self.encoder(x), n_q))
                 scales.append(scale)
         scale = torch.cat(scales, dim=1) if self.cfg.normalize else None
         return Encoded(torch.cat(codes, dim=-1), scale)
+
+    def check_chunk(self, frames, call, unit):
+        first = self.streaming_calls[call] == 0
+        self.streaming_calls[call] += 1
+        need = self.cfg.kernel_size if first else 1
+        if frames != int(frames) or frames < need:
+            M = self.hop_length if unit == "samples" else 1
+            raise ValueError(f"streaming {call} chunks must be multiples of {M} {unit}, the first "
+                             f"at least {self.cfg.kernel_size * M} (the official reflect padding "
+                             f"reads that far); got {int(frames * M)}")
 
     @torch.no_grad()
     def decode(self, codes, scale=None):
@@ -538,6 +661,8 @@ class EnCodec(nn.Module):
         if self.cfg.normalize and (scale is None or scale.shape[0] != codes.shape[0]):
             raise ValueError("this EnCodec normalises its input: decode needs the `scale` that "
                              "encode returned beside the codes")
+        if self.streaming_calls is not None:
+            self.check_chunk(codes.shape[-1], "decode", "frames")
         if self.cfg.segment:  # F frames per full segment; the last one may be shorter
             per = math.ceil(int(self.cfg.segment * self.sample_rate) / self.hop_length)
             chunks = codes.split(per, dim=-1)
@@ -564,32 +689,58 @@ class EnCodec(nn.Module):
         mods = [m for m in self.modules() if isinstance(m, (SConv1d, SConvTranspose1d, SLSTM))]
         for m in mods:
             m.streaming, m.state = True, None
+        self.streaming_calls = {"encode": 0, "decode": 0}
         try:
             yield self
         finally:
             for m in mods:
                 m.streaming, m.state = False, None
+            self.streaming_calls = None
+
+    def save(self, path):
+        """Inference checkpoint: the model config and the weights (with the codebooks)."""
+        atomic_save({"model": NAME, "config": dataclasses.asdict(self.cfg),
+                     "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        """model.pt or a training ckpt.pt -> the model, in eval mode."""
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(config_from_dict(Config, ckpt["config"], path))
+        model.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt["generator"])
+        return model.eval()
 
     @classmethod
     def from_official(cls, source, cfg=None):
         """Meta's released weights, unedited: a path to encodec_24khz-d7cc33bc.th or
         encodec_48khz-7e698e3e.th, or a state dict in the official or the Hugging Face
         `transformers` naming. Without `cfg` the preset is told from the weights' shapes."""
-        state = source if isinstance(source, dict) else torch.load(source, map_location="cpu",
-                                                                   weights_only=True)
+        state = source
+        if not isinstance(source, dict):
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{source}: file not found")
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
+                raise ValueError(f"{source} is not a weights file torch.load(weights_only=True) "
+                                 f"can read ({type(e).__name__})") from None
+        shapes = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+        conv0 = [v for k, v in shapes.items() if re.match(
+            r"encoder\.(model|layers)\.0\..*(weight_v|conv\.weight|original1)$", k)]
+        if not conv0:
+            raise ValueError(f"{source if not isinstance(source, dict) else 'the state dict'} is "
+                             f"not an EnCodec state dict (no encoder.model.0 conv weights)")
         if cfg is None:
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-            conv0 = next(v for k, v in shapes.items() if re.match(
-                r"encoder\.(model|layers)\.0\..*(weight_v|conv\.weight|original1)$", k))
+            conv0 = conv0[0]
             embeds = [v for k, v in shapes.items() if k.endswith("codebook.embed")]
             found = (conv0[1], conv0[0], len(embeds), embeds[0][0] if embeds else 0)
             known = {(c.channels, c.n_filters, c.num_quantizers, c.codebook_size): name
-                     for name, c in PRESETS.items() if name in ("24khz", "48khz")}
+                     for name, (c, _) in PRESETS.items() if name in ("24khz", "48khz")}
             if found not in known:
                 raise ValueError(f"these weights ({found[0]} channel(s), {found[1]} filters, "
                                  f"{found[2]} x {found[3]} codebooks) are neither released "
                                  f"model; pass cfg=")
-            cfg = PRESETS[known[found]]
+            cfg = PRESETS[known[found]][0]
         model = cls(cfg)
         model.load_state_dict(ours_from_official(state, model))
         return model.eval()
@@ -613,3 +764,841 @@ def ours_from_official(state, model):
 
     ours = {hf(k): k for k in model.state_dict()}
     return {ours.get(k, k): v for k, v in state.items()}
+
+# -------------------------------------------------------------------------------------------------
+# Discriminator (§3.4)
+
+
+class STFTDiscriminator(nn.Module):
+    """One scale of the MS-STFT discriminator (§3.4): the complex STFT (window W, hop W/4,
+    normalised) as real and imaginary channels, a conv with kernel 3x8 and 32 channels, three
+    convs with stride 2 over frequency and time dilations 1, 2, 4, a 3x3 conv, and a 3x3 conv to
+    one logit map. LeakyReLU(0.2) and weight norm on every conv (official file: none on the
+    first, kernel 3x9). Layout (B, 2, time, frequency). Stereo channels are judged apart (§3.4)."""
+
+    def __init__(self, filters, window, kernel=(3, 8), dilations=(1, 2, 4)):
+        super().__init__()
+        self.window, self.hop = window, window // 4  # hop W/4: audiocraft's; the paper has none
+        self.register_buffer("hann", torch.hann_window(window), persistent=False)
+        k_t, k_f = kernel
+        convs = [weight_norm(nn.Conv2d(2, filters, kernel, padding=((k_t - 1) // 2, (k_f - 1) // 2)))]
+        for d in dilations:
+            convs.append(weight_norm(nn.Conv2d(filters, filters, kernel, stride=(1, 2), dilation=(d, 1),
+                                               padding=((k_t - 1) * d // 2, (k_f - 1) // 2))))
+        convs.append(weight_norm(nn.Conv2d(filters, filters, (k_t, k_t), padding=(k_t - 1) // 2)))
+        self.convs = nn.ModuleList(convs)
+        self.conv_post = weight_norm(nn.Conv2d(filters, 1, (k_t, k_t), padding=(k_t - 1) // 2))
+
+    def forward(self, x):  # (B, C, T) -> logits (B*C, t, f), features [(B*C, 32, t, f_l)] x 5
+        spec = torch.stft(x.reshape(-1, x.shape[-1]).float(), self.window, self.hop,
+                          window=self.hann, normalized=True, center=False,
+                          return_complex=True)  # (B*C, W/2 + 1, frames)
+        z = torch.view_as_real(spec).permute(0, 3, 2, 1).contiguous()  # (B*C, 2, frames, W/2+1)
+        features = []
+        for conv in self.convs:
+            z = F.leaky_relu(conv(z), 0.2)
+            features.append(z)
+        return self.conv_post(z).squeeze(1), features
+
+
+class MultiScaleSTFTDiscriminator(nn.Module):
+    """§3.4: five STFT discriminators with windows 2048, 1024, 512, 256, 128 (doubled at 48 kHz,
+    whose preset sets them)."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.discriminators = nn.ModuleList(
+            STFTDiscriminator(run.disc_filters, w, tuple(run.disc_kernel)) for w in run.disc_windows)
+
+    def forward(self, x):  # (B, C, T) -> [(logits, [features])] for each scale
+        return [d(x) for d in self.discriminators]
+
+# -------------------------------------------------------------------------------------------------
+# Losses (§3.4) and the balancer (§3.4, Eq. 5)
+
+
+def discriminator_loss(real, fake):
+    """L_d = 1/K sum_k max(0, 1 - D_k(x)) + max(0, 1 + D_k(x_hat)), averaged over each logit map."""
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean()
+               for (r, _), (f, _) in zip(real, fake)) / len(real)
+
+
+def adversarial_loss(fake):
+    """l_g = 1/K sum_k max(0, 1 - D_k(x_hat)), averaged over each logit map (§3.4)."""
+    return sum(F.relu(1 - f).mean() for f, _ in fake) / len(fake)
+
+
+def feature_loss(real, fake):
+    """Eq. 2, relative feature matching: 1/(KL) sum_k sum_l |D_k^l(x) - D_k^l(x_hat)| /
+    mean |D_k^l(x)|. The numerator is a mean, as audiocraft's (Eq. 2's sum would weigh each layer
+    by its size)."""
+    terms = [(fr.detach() - ff).abs().mean() / fr.detach().abs().mean().clamp(min=1e-12)
+             for (_, r), (_, f) in zip(real, fake) for fr, ff in zip(r, f)]
+    return sum(terms) / len(terms)
+
+
+class FrequencyLoss(nn.Module):
+    """Eq. 1: l_f = 1/(|alpha| |s|) sum_i ||S_i(x) - S_i(x_hat)||_1 + alpha_i ||S_i(x) - S_i(x_hat)||_2
+    over the scales i = 5..11: S_i a 64-bin mel spectrogram of a normalised STFT, window 2^i,
+    hop 2^i/4, alpha_i = 1 (§3.4). Both terms on the linear mel spectrogram, as Eq. 1 writes.
+    Our choices where Eq. 1 is silent: the L1 norm divided by the number of elements and the L2
+    norm by its square root (per-bin magnitudes), averaged over the scales; HTK mel scale with
+    peak-1 triangles; Hann window. Always float32, also under AMP."""
+
+    def __init__(self, sample_rate, scales, n_mels):
+        super().__init__()
+        self.scales = tuple(scales)
+        for s in self.scales:
+            fb = mel_filterbank(sample_rate, s, n_mels, htk=True, norm=None)  # (64, s/2 + 1)
+            self.register_buffer(f"fb{s}", fb, persistent=False)
+            self.register_buffer(f"win{s}", torch.hann_window(s), persistent=False)
+
+    def mel(self, x, s):  # x (B*C, T) -> S_i (B*C, 64, frames)
+        spec = torch.stft(x, s, s // 4, window=getattr(self, f"win{s}"), normalized=True,
+                          return_complex=True).abs()  # (B*C, s/2 + 1, frames)
+        return getattr(self, f"fb{s}") @ spec
+
+    def forward(self, x, x_hat):  # (B, C, T) each -> scalar
+        with torch.autocast(x.device.type, enabled=False):
+            x, x_hat = (v.reshape(-1, v.shape[-1]).float() for v in (x, x_hat))  # (B*C, T)
+            loss = 0.0
+            for s in self.scales:
+                diff = self.mel(x, s) - self.mel(x_hat, s)
+                loss = loss + diff.abs().mean() + diff.pow(2).mean().sqrt()  # alpha_i = 1
+        return loss / len(self.scales)
+
+
+class Balancer:
+    """§3.4, Eq. 5: each loss l_i sends into the model the gradient at x_hat
+        g~_i = R * lambda_i / sum_j lambda_j * g_i / <||g_i||_2>_beta,
+    so that lambda_i / sum_j lambda_j is the fraction of the gradient that comes from l_i,
+    whatever l_i's scale. <.>_beta is an exponential moving average (beta = 0.999, bias-corrected
+    as the official code) of the norm per example, averaged over the batch (and over the ranks
+    under DDP); R = 1. Its state (the running sums) is part of ckpt.pt."""
+
+    def __init__(self, weights, decay=0.999, total_norm=1.0, eps=1e-12):
+        self.weights, self.decay, self.total_norm, self.eps = dict(weights), decay, total_norm, eps
+        self.sums, self.counts = {}, {}  # EMA numerators and denominators (the bias correction)
+
+    def __call__(self, grads):
+        """grads {name: (B, C, T) gradient of l_i at x_hat} -> (the gradient to send, the raw
+        norms, the averaged norms)."""
+        names = list(grads)
+        norms = torch.stack([grads[k].flatten(1).norm(dim=1).mean() for k in names])
+        if is_distributed():
+            dist.all_reduce(norms)
+            norms = norms / dist.get_world_size()
+        norms = dict(zip(names, norms))
+        for k in names:
+            self.sums[k] = self.decay * self.sums.get(k, 0.0) + norms[k].detach()
+            self.counts[k] = self.decay * self.counts.get(k, 0.0) + 1.0
+        averaged = {k: self.sums[k] / self.counts[k] for k in names}
+        total = sum(self.weights[k] for k in names)
+        out = sum(self.weights[k] / total * self.total_norm / (self.eps + averaged[k]) * grads[k]
+                  for k in names)
+        return out, norms, averaged
+
+    def state_dict(self):
+        return {"sums": {k: torch.as_tensor(v) for k, v in self.sums.items()},
+                "counts": dict(self.counts)}
+
+    def load_state_dict(self, state):
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+# -------------------------------------------------------------------------------------------------
+# Training: the generic parts (the same in every codec file; marked copies of soundstream.py)
+
+
+# Copied from soundstream.py: setup_distributed
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # gloo on CPU
+    return rank, world, device
+
+
+# Copied from soundstream.py: busy_cores
+def busy_cores():
+    """Cores that other processes keep busy now: /proc/stat sampled 0.2 s apart (Linux), else
+    the 1-minute load average."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(0.2), sample()
+        return round(os.cpu_count() * (1 - (idle1 - idle0) / max(1, all1 - all0)))
+    except (OSError, IndexError, ValueError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
+# Copied from soundstream.py: pick_threads
+def pick_threads(requested, world=1):
+    """CPU threads for this process: `requested`, or with 0 the cores other processes leave
+    idle. torch's threads spin-wait for one another: two threads on a 2-core machine with one
+    busy core ran 10-20 times slower than one thread (measured here). Returns (threads, why)."""
+    if requested:
+        return requested, ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = min(busy_cores(), cores - 1)
+    why = f" ({busy} of {cores} cores busy with other work)" if busy else ""
+    return max(1, (cores - busy) // world), why
+
+
+# Copied from soundstream.py: rng_state
+def rng_state():
+    """Every RNG a step could touch, as tensors and plain types (loadable with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+# Copied from soundstream.py: set_rng_state
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Copied from soundstream.py: atomic_save
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# Copied from soundstream.py: load_checkpoint
+def load_checkpoint(path, map_location="cpu"):
+    """A model.pt or ckpt.pt of this file's model, loaded as data (weights_only), or one line
+    that says what is wrong with it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's own message (advice to set weights_only=False) misleads
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(e).__name__}); expected --train's model.pt or ckpt.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != NAME:
+        kind = ckpt.get("model", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is a {kind!r} checkpoint, not a {NAME!r} one")
+    return ckpt
+
+
+# Copied from soundstream.py: config_from_dict
+def config_from_dict(cls, d, path="checkpoint"):
+    """Rebuild a config dataclass; a field it does not know is named in a one-line error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} field(s) {', '.join(unknown)} "
+                         f"(written by another version of {Path(__file__).name}?)")
+    return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items()})
+
+
+# Copied from soundstream.py: batches_for_epoch
+def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
+    """Index batches of one epoch: a seeded permutation split over ranks (as DistributedSampler),
+    full batches only. Deterministic: a resumed run continues with the batch it would have seen."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = batch_size // world
+    n_batches = n_items // (per_rank * world)
+    if n_batches == 0:
+        raise ValueError(f"{n_items} training files are fewer than one batch of {batch_size}")
+    return [perm[(b * world + rank) * per_rank:(b * world + rank + 1) * per_rank]
+            for b in range(n_batches)]
+
+
+# Copied from soundstream.py: log_line
+def log_line(step, total, stats, seconds_per_step):
+    """One fixed-format line: every number of `stats` (lists are joined with '/')."""
+    def fmt(v):
+        return "/".join(f"{u:.3g}" for u in v) if isinstance(v, list) else f"{v:.4g}"
+    parts = " | ".join(f"{k} {fmt(v)}" for k, v in stats.items())
+    return f"step {step}/{total} | {parts} | {seconds_per_step:.2f} s/step"
+
+
+# Copied from soundstream.py: fit
+def fit(trainer, run, dataset, interrupt_after=None):
+    """The training loop around `trainer.step(batch, diagnose)`. Ctrl-C or SIGTERM finishes the
+    step, saves and leaves; every rank takes the same decisions (all-reduced flags), and an error
+    on rank 0 (logging, samples, saving) stops every rank instead of leaving them waiting in a
+    collective. Returns the stats of every step this process ran. interrupt_after: stop as if
+    interrupted after that many steps (for the tests)."""
+    out, master = Path(run.out), trainer.rank == 0
+    stop = {"now": False}
+
+    def request_stop(signum, frame):
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    per_epoch = len(batches_for_epoch(len(dataset), run.batch_size, 0, run.seed, 0, trainer.world))
+    progress = None
+    if master and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=run.steps, initial=trainer.step_count, dynamic_ncols=True)
+    history, t_last, n_last = [], time.time(), trainer.step_count
+    try:
+        while trainer.step_count < run.steps and not stop["now"]:
+            epoch, offset = divmod(trainer.step_count, per_epoch)
+            dataset.set_epoch(epoch)
+            batches = batches_for_epoch(len(dataset), run.batch_size, epoch, run.seed,
+                                        trainer.rank, trainer.world)[offset:]
+            # a private generator: a DataLoader iterator must not draw from the global RNG, or a
+            # resumed run (which creates one mid-epoch) would drift from the uninterrupted one
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, num_workers=run.num_workers,
+                generator=torch.Generator().manual_seed(run.seed + epoch))
+            for batch in loader:
+                step = trainer.step_count + 1
+                log_now = step % run.log_every == 0 or step == run.steps or step == 1
+                stats = trainer.step(batch, diagnose=log_now)
+                history.append(stats)
+                leave = stop["now"] or step >= run.steps or len(history) == interrupt_after
+                finite = all(math.isfinite(v) for v in stats.values() if not isinstance(v, list))
+                error = None
+                if master:  # rank 0's own work; its failure is shared through `flags`
+                    try:
+                        if progress:
+                            progress.update(1)
+                        if log_now:
+                            dt = (time.time() - t_last) / max(1, step - n_last)
+                            t_last, n_last = time.time(), step
+                            line = log_line(step, run.steps, stats, dt)
+                            with open(out / "log.txt", "a") as f:
+                                f.write(line + "\n")
+                            (progress.write if progress else print)(line)
+                        if step % run.sample_every == 0:
+                            trainer.write_sample(out / "samples" / f"step{step:07d}")
+                    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+                        error = e
+                flags = torch.tensor([leave, not finite, error is not None], dtype=torch.float32,
+                                     device=trainer.device)
+                if trainer.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[2]:
+                    # no local may keep the exception: a frame that holds the exception it
+                    # raises is a cycle that keeps the trainer and gloo's threads alive until
+                    # exit, where they abort the process (SIGABRT, 1 run in 8 before this)
+                    failure, error = error or RuntimeError("rank 0 failed; see its message"), None
+                    try:
+                        raise failure
+                    finally:
+                        del failure
+                if flags[1]:
+                    raise FloatingPointError(f"training diverged: non-finite loss at step {step} "
+                                             f"({stats}); the last checkpoint is {out / 'ckpt.pt'}")
+                if step % run.ckpt_every == 0 or flags[0]:
+                    save_checkpoint(trainer, out)  # an interrupted run keeps everything so far
+                if flags[0]:
+                    stop["now"] = True
+                    break
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        if progress:
+            progress.close()
+    return history
+
+
+# Copied from soundstream.py: save_checkpoint
+def save_checkpoint(trainer, out):
+    """OUT/ckpt.pt (resume) and OUT/model.pt (inference), by rank 0; every rank must call it."""
+    state = trainer.state_dict()
+    if trainer.rank == 0:
+        atomic_save(state, Path(out) / "ckpt.pt")
+        trainer.model.save(Path(out) / "model.pt")
+
+
+# Copied from soundstream.py: evaluate
+@torch.no_grad()
+def evaluate(model, utterances, n_qs, title, metrics, what="held-out utterances", notice=False):
+    """The evaluation table (common/evaluation.py): `metrics` averaged over `utterances`, (file,
+    transcript or None) pairs, for the ground truth scored against itself (its WER is the
+    recogniser's own) and for each n_q, with the codebook entropy bitrate (the paper's entropy
+    bound). Returns the rows. Progress goes to stderr, and so does every note (a metric that
+    could not be computed on a file, named), counted in the table's last column."""
+    model.eval()
+    device = next(model.parameters()).device
+    if not any(text for _, text in utterances):  # e.g. a folder: nothing to compute a WER from
+        metrics = [m for m in metrics if not evaluation.METRICS[m].needs_transcript]
+    print(f"{title}: {len(utterances)} {what}", flush=True)
+    wavs = [load(f, model.sample_rate, model.channels, notice=notice)[0].to(device)
+            for f, _ in utterances]
+    columns = (("n_q", "n_q", ""), ("kbps", "kbps", ".2f"), ("entropy_kbps", "H-kbps", ".2f"))
+    print(evaluation.table_header(metrics, columns), flush=True)
+    rows = []
+    for n_q in ["truth", *n_qs]:
+        scores, codes, notes = [], [], []
+        for i, ((f, text), wav) in enumerate(zip(utterances, wavs)):
+            if sys.stderr.isatty():  # progress
+                print(f"\r  n_q {n_q}: {i + 1}/{len(wavs)}", end="", file=sys.stderr, flush=True)
+            if n_q == "truth":
+                rec = wav.cpu()
+            else:
+                sent = model.encode(wav[None], n_q)  # codes (1, n_q, L), or with side info
+                codes.append(getattr(sent, "codes", sent).cpu())  # e.g. EnCodec's (codes, scale)
+                rec = model.decode(sent)[0, :, :wav.shape[-1]].cpu()
+            s, n = evaluation.score(wav.cpu(), rec, model.sample_rate, metrics, text, name=f)
+            scores.append(s)
+            notes += n
+        if sys.stderr.isatty():
+            print("\r", end="", file=sys.stderr)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        row = {"n_q": n_q, **evaluation.mean_scores(scores), "notes": len(notes)}
+        if codes:
+            h = codebook_stats(codes, model.codebook_size, model.frame_rate)["bitrate_entropy"]
+            row.update(kbps=model.bitrate(n_q) / 1000, entropy_kbps=h / 1000)
+        rows.append(row)
+        print(evaluation.table_row(row, metrics, columns), flush=True)
+    print(evaluation.table_legend(metrics), flush=True)
+    return rows
+
+# -------------------------------------------------------------------------------------------------
+# Training: the model-specific part
+
+
+class Trainer:
+    """The codec G, the MS-STFT discriminator D and their optimizers; `step()` is one update."""
+
+    def __init__(self, cfg, run, rank=0, world=1, device="cpu"):
+        check_config(cfg, run)
+        self.cfg, self.run, self.rank, self.world = cfg, run, rank, world
+        self.device = torch.device(device)
+        torch.manual_seed(run.seed)  # identical initial weights on every rank
+        self.model = EnCodec(cfg).to(self.device)
+        self.disc = MultiScaleSTFTDiscriminator(run).to(self.device)
+        self.freq_loss = FrequencyLoss(cfg.sample_rate, run.mel_scales, run.mel_bins).to(self.device)
+        self.balancer = Balancer({"t": run.lambda_t, "f": run.lambda_f, "g": run.lambda_g,
+                                  "feat": run.lambda_feat}, run.balancer_decay)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=run.lr, betas=tuple(run.betas))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=run.lr, betas=tuple(run.betas))
+        cuda = self.device.type == "cuda"
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
+        self.amp_dtype = amp if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.amp == "fp16")
+        self.G, self.D = self.model, self.disc
+        if world > 1:  # the codebooks are kept identical by the quantizer, not by DDP's broadcast
+            ddp = nn.parallel.DistributedDataParallel
+            new = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch 2.13 name
+            no_sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+            ids = [self.device.index] if cuda else None
+            self.G = ddp(self.model, ids, **no_sync)
+            self.D = ddp(self.disc, ids, **no_sync)
+        if run.compile and cuda:
+            self.G = torch.compile(self.G)
+        torch.manual_seed(run.seed + rank)
+        self.step_count = 0
+
+    # Copied from soundstream.py: Trainer.autocast
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def draws(self):
+        """This step's bandwidth and whether D is updated: the same on every rank (a generator
+        seeded by the run's seed and the step), and the same after a resume."""
+        g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
+        bandwidth = self.cfg.bandwidths[int(torch.randint(len(self.cfg.bandwidths), (1,),
+                                                           generator=g))]
+        update_d = torch.rand((), generator=g).item() < self.run.disc_prob
+        return bandwidth, update_d and self.step_count >= self.run.gan_start
+
+    def step(self, batch, diagnose=False):
+        """One update: a bandwidth for the whole batch (§3.2), D with probability 2/3 (§3.4), then
+        G through the balancer (Eq. 5), the commitment term beside it. Returns the logged numbers:
+        each term, its raw gradient norm at x_hat, its EMA norm; with `diagnose`, the latent RMS,
+        the output's DC, per-codebook perplexity and the codes replaced since the last one."""
+        self.model.train()
+        lr = self.run.lr * self.run.lr_decay ** self.step_count
+        for group in self.opt_g.param_groups + self.opt_d.param_groups:
+            group["lr"] = lr
+        x = batch.to(self.device)
+        bandwidth, update_d = self.draws()
+        n_q = self.model.n_q_for_bandwidth(bandwidth)
+        gan = self.step_count >= self.run.gan_start
+        with self.autocast():
+            x_hat, codes, aux = self.G(x, n_q)
+        stats = {"kbps": torch.tensor(bandwidth, dtype=torch.float64)}
+        if update_d:
+            with self.autocast():
+                both = self.D(torch.cat([x, x_hat.detach()]))  # 2B examples, one DDP forward
+                B = len(x) * self.cfg.channels  # stereo channels are separate examples
+                real = [(lg[:B], [f[:B] for f in fs]) for lg, fs in both]
+                fake = [(lg[B:], [f[B:] for f in fs]) for lg, fs in both]
+                d_loss = discriminator_loss(real, fake)
+            self.opt_d.zero_grad(set_to_none=True)
+            self.scaler.scale(d_loss).backward()
+            self.scaler.unscale_(self.opt_d)
+            stats["|D|"] = nn.utils.clip_grad_norm_(self.disc.parameters(), self.run.grad_clip)
+            self.scaler.step(self.opt_d)
+            stats["d"] = d_loss
+        with self.autocast():
+            losses = {"t": F.l1_loss(x_hat.float(), x.float()), "f": self.freq_loss(x, x_hat)}
+            if gan:
+                self.disc.requires_grad_(False)
+                with torch.no_grad():
+                    real = self.disc(x)
+                fake = self.disc(x_hat)
+                losses.update(g=adversarial_loss(fake), feat=feature_loss(real, fake))
+        S = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        grads = {k: torch.autograd.grad(S * v, x_hat, retain_graph=True)[0].float() / S
+                 for k, v in losses.items()}
+        g_x_hat, norms, averaged = self.balancer(grads)
+        self.opt_g.zero_grad(set_to_none=True)
+        torch.autograd.backward([x_hat, aux["commit"]],  # l_w outside the balancer (§3.4)
+                                [S * g_x_hat.to(x_hat.dtype),
+                                 S * self.run.lambda_w * torch.ones_like(aux["commit"])])
+        self.scaler.unscale_(self.opt_g)
+        stats.update(losses, commit=aux["commit"])
+        stats.update({f"|g_{k}|": v for k, v in norms.items()})  # raw, before balancing
+        stats["|G|"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        self.scaler.step(self.opt_g)
+        self.disc.requires_grad_(True)
+        self.scaler.update()
+        self.step_count += 1
+        stats = {k: v.item() for k, v in stats.items()}
+        if diagnose:
+            stats["z_rms"] = aux["latent_rms"].item()
+            stats["dc"] = x_hat.detach().mean().item()
+            ppl = codebook_stats(codes.cpu(), self.cfg.codebook_size, 1)["perplexity"]
+            stats["ppl"] = [round(p, 1) for p in ppl]
+            stats["dead"] = sum(int(vq.replaced) for vq in self.model.quantizer.layers)
+            for vq in self.model.quantizer.layers:
+                vq.replaced.zero_()
+        return stats
+
+    def write_sample(self, stem):
+        """A reconstruction of the first validation file at the highest bandwidth: wav and PNG."""
+        model = self.model.eval()
+        wav, sr = load(self.valid_file, model.sample_rate, model.channels)
+        rec = reconstruct(model, wav.to(self.device)).cpu()
+        Path(stem).parent.mkdir(parents=True, exist_ok=True)
+        save(f"{stem}.wav", rec, sr)
+        plot_comparison(f"{stem}.png", wav, rec, sr, title=f"{Path(self.valid_file).name}: "
+                        f"original vs EnCodec, {model.bitrate() / 1000:g} kbps")
+        model.train()
+
+    def state_dict(self):
+        """Everything an exact resume needs. Collective under DDP: every rank's RNG state."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
+        return {"model": NAME, "config": dataclasses.asdict(self.cfg),
+                "train_config": dataclasses.asdict(self.run), "step": self.step_count,
+                "generator": self.model.state_dict(), "discriminators": self.disc.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "scaler": self.scaler.state_dict(), "balancer": self.balancer.state_dict(),
+                "rng": rngs}
+
+    def load_state_dict(self, ckpt):
+        self.model.load_state_dict(ckpt["generator"])
+        self.disc.load_state_dict(ckpt["discriminators"])
+        self.opt_g.load_state_dict(ckpt["opt_g"])
+        self.opt_d.load_state_dict(ckpt["opt_d"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.balancer.load_state_dict(ckpt["balancer"])
+        self.step_count = ckpt["step"]
+        if len(ckpt["rng"]) != self.world and self.rank == 0:
+            print(f"note: the checkpoint was written by {len(ckpt['rng'])} process(es), this run "
+                  f"has {self.world}: training continues, but not bit-exactly")
+        set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
+
+
+# Copied from soundstream.py: eval_utterances
+def eval_utterances(data, limit=None):
+    """Held-out (file, transcript or None) pairs: the test split of the demo corpus or of a
+    manifest (its "text" field)."""
+    entries = read_manifest(data or demo_manifest(), "test")
+    return [(Path(e["path"]), e.get("text")) for e in entries][:limit]
+
+
+def bandwidth_ladder(model):
+    """The n_q of each bandwidth the model codes: the rows of the evaluation table."""
+    return [model.n_q_for_bandwidth(b) for b in model.cfg.bandwidths]
+
+
+def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
+    """A whole training run; returns this process's per-step stats (the tests compare them)."""
+    rank, world, device = setup_distributed()
+    out = Path(run.out)
+    start = load_checkpoint(out / "ckpt.pt") if resume else None
+    if not resume and not overwrite and (out / "ckpt.pt").is_file():
+        raise ValueError(f"{out} already holds a training run (ckpt.pt); continue it with "
+                         f"--resume, or start over with --overwrite")
+    if run.batch_size % world:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by {world} processes")
+    threads, why = pick_threads(run.threads, world) if device.type == "cpu" else (0, "")
+    if threads:
+        torch.set_num_threads(threads)
+    trainer = Trainer(cfg, run, rank, world, device)
+    if start:
+        trainer.load_state_dict(start)
+    master = rank == 0
+    files = resolve_files(run.data or None, "train")
+    is_manifest = not run.data or run.data.endswith(".jsonl")
+    trainer.valid_file = (resolve_files(run.data or None, "valid") if is_manifest else files)[0]
+    dataset = AudioDataset(files, cfg.sample_rate, channels=cfg.channels,
+                           segment=int(run.segment_seconds * cfg.sample_rate), seed=run.seed)
+    held_out = eval_utterances(run.data, run.eval_utterances) if is_manifest else None
+    metrics = evaluation.parse_metrics(run.metrics)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        m = trainer.model
+        n_g = sum(p.numel() for p in m.parameters()) / 1e6
+        n_d = sum(p.numel() for p in trainer.disc.parameters()) / 1e6
+        how = f"resumed at step {trainer.step_count}" if start else "new run"
+        print(f"EnCodec {how}: {n_g:.2f}M codec + {n_d:.2f}M discriminator parameters, "
+              f"{m.frame_rate} Hz, {', '.join(f'{b:g}' for b in cfg.bandwidths)} kbps, "
+              f"{len(files)} training files, {world} process(es) on {device}"
+              + (f", {threads} CPU thread(s){why}" if threads else ""), flush=True)
+        if not start and held_out:  # the untrained model, to compare with the final table
+            evaluate(m, held_out, [cfg.num_quantizers], "untrained model (step 0)", metrics)
+    try:
+        history = fit(trainer, run, dataset, interrupt_after)
+    except BaseException:
+        if world > 1:  # a process that leaves with a live process group aborts in C++
+            dist.destroy_process_group()
+        raise
+    if master and trainer.step_count < run.steps:
+        print(f"stopped at step {trainer.step_count}; saved {out / 'ckpt.pt'}; continue with: "
+              f"python {Path(__file__).name} --train --resume --out {run.out}")
+    elif master:
+        trainer.write_sample(out / "samples" / "final")
+        if held_out:
+            evaluate(trainer.model, held_out, bandwidth_ladder(trainer.model),
+                     f"step {trainer.step_count}", metrics)
+        else:
+            print(f"note: {run.data} is a folder, which has no held-out split; evaluate on another "
+                  f"folder with --eval --data DIR")
+        print(f"saved {out / 'model.pt'} (inference) and {out / 'ckpt.pt'} (resume)")
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+# -------------------------------------------------------------------------------------------------
+# Inference helpers and the command line
+
+
+def reconstruct(model, wav, bandwidth=None):
+    """wav (C, T) or (B, C, T) -> the reconstruction, same shape."""
+    x = wav if wav.dim() == 3 else wav[None]
+    y = model.decode(model.encode(x, bandwidth=bandwidth))[..., :x.shape[-1]]
+    return y if wav.dim() == 3 else y[0]
+
+
+def read_codes(path, model):
+    """The codes (Q, F), scales (S,) or None, and sample count of an --encode file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)  # plain arrays, never pickled objects
+    except (OSError, ValueError):
+        raise ValueError(f"{path} is not a codes file written by --encode "
+                         f"(not a .npz archive)") from None
+    try:
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not a .npz archive")
+        codes = torch.from_numpy(npz["codes"].astype(np.int64))
+        scale = torch.from_numpy(npz["scale"]) if "scale" in npz else None
+        num_samples = int(npz["num_samples"])
+        meta = (str(npz["model"]), int(npz["codebook_size"]), int(npz["sample_rate"]),
+                float(npz["frame_rate"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a codes file written by --encode ({e})") from None
+    mine = (NAME, model.codebook_size, model.sample_rate, float(model.frame_rate))
+    if meta != mine:
+        raise ValueError(f"{path} holds {meta[0]} codes ({meta[1]}-entry codebooks, {meta[2]} Hz, "
+                         f"{meta[3]:g} frames/s); this checkpoint is a {NAME} with {mine[1]}-entry "
+                         f"codebooks at {mine[2]} Hz, {mine[3]:g} frames/s")
+    if codes.dim() != 2:
+        raise ValueError(f"{path}: codes must be (codebooks, frames), got {tuple(codes.shape)}")
+    return codes, scale, num_samples
+
+
+# Copied from soundstream.py: field_help
+def field_help(cls):
+    """The comment after each field in the dataclass's source: the -h text of its flag."""
+    helps, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"    (\w+): [^#]*#\s*(.*)", line)
+        if m:
+            name, helps[m[1]] = m[1], m[2]
+        elif name and re.match(r"\s{20,}#\s*(.*)", line):  # a continued comment
+            helps[name] += " " + line.strip()[1:].strip()
+    return helps
+
+
+# Copied from soundstream.py: Parser
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):  # name a mistyped flag before anything else
+        known = [o for a in self._actions for o in a.option_strings]
+        for arg in sys.argv[1:] if args is None else args:
+            flag = str(arg).split("=")[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                self.error(f"unknown flag {flag}{hint}")
+        return super().parse_args(args, namespace)
+
+    def error(self, message):  # one line, not the whole usage
+        self.exit(2, f"error: {message} (python {Path(__file__).name} -h lists the flags)\n")
+
+
+def build_parser():
+    p = Parser(description="EnCodec (Defossez et al. 2022): train, encode, decode, evaluate; "
+               "Meta's released weights with --official.", allow_abbrev=False)
+    act = p.add_mutually_exclusive_group(required=True)
+    act.add_argument("--train", action="store_true", help="train (DDP when launched by torchrun)")
+    act.add_argument("--encode", metavar="WAV", help="audio file -> codes .npz")
+    act.add_argument("--decode", metavar="NPZ", help="codes .npz -> audio file")
+    act.add_argument("--reconstruct", metavar="WAV", help="encode + decode; prints metrics")
+    act.add_argument("--eval", action="store_true", help="metrics table over held-out files")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="24khz", help="default: 24khz")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that has a run")
+    p.add_argument("--ckpt", help="model.pt (or ckpt.pt) for encode/decode/reconstruct/eval")
+    p.add_argument("--official", metavar="TH", help="Meta's released weights instead of --ckpt: "
+                   "encodec_24khz-d7cc33bc.th or encodec_48khz-7e698e3e.th")
+    p.add_argument("--bandwidth", type=float, help="kbps (default: the highest); one of the "
+                   "model's: 1.5, 3, 6, 12, 24 at 24 kHz; 3, 6, 12, 24 at 48 kHz; "
+                   "0.25, 0.5, 1, 2 for tiny")
+    p.add_argument("--streaming", action="store_true", help="reconstruct frame by frame (causal)")
+    for cls in (Config, TrainConfig):  # every config field is a flag, typed from its default
+        group = p.add_argument_group(f"{cls.__name__} fields ({cls.__doc__.split('.')[0].lower()})")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            values = {name: getattr(c if cls is Config else r, f.name)
+                      for name, (c, r) in PRESETS.items()}
+            shown = ", ".join(f"{n}: {v}" for n, v in values.items() if n in ("24khz", "tiny"))
+            kw = {"help": f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%")}
+            if isinstance(f.default, bool):
+                kw.update(type=parse_bool, metavar="BOOL")
+            elif isinstance(f.default, tuple):
+                kw.update(type=lambda s, t=type(f.default[0]): tuple(t(v) for v in s.split(",")),
+                          metavar="A,B")
+            else:
+                kw.update(type=type(f.default), choices=CHOICES.get(f.name))
+            group.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+# run settings a resumed run may change; everything else is fixed by its checkpoint
+RESUME_OVERRIDES = ("steps", "log_every", "sample_every", "ckpt_every", "eval_utterances",
+                    "metrics", "num_workers", "threads")
+
+
+# Copied from soundstream.py: configs_from_args
+def configs_from_args(args):
+    """(Config, TrainConfig): the preset with the flags given on the command line."""
+    cfg, run = PRESETS[args.preset]
+    given = [{f.name: getattr(args, f.name) for f in dataclasses.fields(c)
+              if getattr(args, f.name) is not None} for c in (Config, TrainConfig)]
+    if args.resume:
+        ckpt = load_checkpoint(Path(args.out or run.out) / "ckpt.pt")
+        cfg = config_from_dict(Config, ckpt["config"], args.out)
+        run = config_from_dict(TrainConfig, ckpt["train_config"], args.out)
+        changed = sorted(k for d, c in zip(given, (cfg, run)) for k, v in d.items()
+                         if k not in RESUME_OVERRIDES + ("out",) and v != getattr(c, k))
+        if changed:
+            raise ValueError(f"cannot change {', '.join(changed)} when resuming; only "
+                             f"{', '.join(RESUME_OVERRIDES)}")
+    return dataclasses.replace(cfg, **given[0]), dataclasses.replace(run, **given[1])
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.train:
+        cfg, run = configs_from_args(args)
+        train(cfg, run, resume=args.resume, overwrite=args.overwrite)
+        return
+    if bool(args.ckpt) == bool(args.official):
+        raise ValueError("give --ckpt (a model.pt of --train) or --official (Meta's .th weights)")
+    model = EnCodec.load(args.ckpt) if args.ckpt else EnCodec.from_official(args.official)
+    bw = args.bandwidth
+    n_q = model.n_q_for_bandwidth(bw)  # checks the value
+    metrics = evaluation.check_available(evaluation.parse_metrics(args.metrics))
+    source = args.ckpt or args.official
+    if args.eval:
+        n_qs = [n_q] if bw else bandwidth_ladder(model)
+        if args.data and not args.data.endswith(".jsonl"):  # a user's folder: all of its files
+            files = [(f, None) for f in resolve_files(args.data)[:args.eval_utterances]]
+            evaluate(model, files, n_qs, source, metrics, f"files of {args.data}", notice=True)
+        else:
+            evaluate(model, eval_utterances(args.data, args.eval_utterances), n_qs, source,
+                     metrics)
+        return
+    if not args.out:
+        raise ValueError("--out is required")
+    if args.encode:
+        wav, sr = load(args.encode, model.sample_rate, model.channels, notice=True)
+        codes, scale = model.encode(wav[None], bandwidth=bw)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        dtype = np.int16 if model.codebook_size <= 2 ** 15 else np.int32  # holds every id
+        extra = {"scale": scale[0].numpy()} if scale is not None else {}
+        np.savez(args.out, codes=codes[0].numpy().astype(dtype), sample_rate=sr, model=NAME,
+                 num_samples=wav.shape[-1], codebook_size=model.codebook_size,
+                 frame_rate=float(model.frame_rate), **extra)
+        print(f"{args.encode}: {codes.shape[1]} codebooks x {codes.shape[2]} frames "
+              f"({model.bitrate(codes.shape[1]) / 1000:g} kbps) -> {args.out}")
+    elif args.decode:
+        codes, scale, num_samples = read_codes(args.decode, model)
+        wav = model.decode(codes[None], None if scale is None else scale[None])
+        save(args.out, wav[0, :, :num_samples], model.sample_rate)
+        print(f"{args.decode} -> {args.out} ({num_samples / model.sample_rate:.2f} s)")
+    else:  # --reconstruct
+        wav, sr = load(args.reconstruct, model.sample_rate, model.channels, notice=True)
+        if args.streaming:  # 7 frames first (see EnCodec.streaming), then one frame at a time
+            M, first = model.hop_length, model.cfg.kernel_size * model.hop_length
+            x = F.pad(wav[None], (0, -wav.shape[-1] % M + max(0, first - wav.shape[-1])))
+            with model.streaming():
+                starts = [0] + list(range(first, x.shape[-1], M))
+                ends = starts[1:] + [x.shape[-1]]
+                rec = torch.cat([model.decode(model.encode(x[..., a:b], bandwidth=bw))
+                                 for a, b in zip(starts, ends)], dim=-1)[0, :, :wav.shape[-1]]
+        else:
+            rec = reconstruct(model, wav, bw)
+        save(args.out, rec, sr)
+        png = Path(args.out).with_suffix(".png")
+        plot_comparison(png, wav, rec, sr, title=Path(args.reconstruct).name)
+        per_pair = [m for m in metrics if not evaluation.METRICS[m].needs_transcript]
+        q, notes = evaluation.score(wav, rec, sr, per_pair)
+        shown = ", ".join(f"{k} {v:.3f}" if math.isfinite(v) else f"{k} n/a" for k, v in q.items())
+        print(f"{args.reconstruct} -> {args.out} (and the spectrograms {png}) at "
+              f"{model.bitrate(n_q) / 1000:g} kbps: {shown}")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+
+
+# Copied from soundstream.py: parse_bool
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (AudioError, ValueError, FileNotFoundError, FloatingPointError) as e:  # no traceback
+        sys.exit(f"error: {e}")

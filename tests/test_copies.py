@@ -199,7 +199,7 @@ TEMPLATE_BLOCKS = {"soundstream.py": [
     "is_distributed", "setup_distributed", "busy_cores", "pick_threads", "rng_state",
     "set_rng_state", "atomic_save", "load_checkpoint", "config_from_dict", "batches_for_epoch",
     "log_line", "fit", "save_checkpoint", "evaluate", "bitrate_ladder", "field_help",
-    "Parser", "parse_bool"]}
+    "Parser", "parse_bool", "eval_utterances", "configs_from_args"]}
 
 
 @pytest.mark.parametrize("origin", sorted(TEMPLATE_BLOCKS))

@@ -36,7 +36,8 @@ MINI_CFG = dataclasses.replace(TINY_CFG, enc_channels=4, dec_channels=4, latent_
 MINI_RUN = dataclasses.replace(TINY_RUN, wave_disc_channels=4, wave_disc_max_channels=16,
                                stft_disc_channels=4, stft_window=256, stft_hop=64, batch_size=2,
                                segment_seconds=0.2, steps=6, log_every=1, sample_every=1000,
-                               ckpt_every=1000, eval_utterances=1, threads=1)
+                               ckpt_every=1000, eval_utterances=1, threads=1, gan_start=0,
+                               lr_decay=1.0)
 
 
 def demo_batch(n=2, segment=3200):
@@ -511,6 +512,23 @@ def test_overfitting_one_batch_with_the_gan_terms():
     assert last < 0.75 * first, (first, last)
     assert np.mean([h["d"] for h in history[-5:]]) < 1.5  # d = 2: a discriminator that knows nothing
     assert all(h["adv"] > 0 and h["feat"] > 0 for h in history)
+
+
+def test_warmup_steps_train_the_reconstruction_only_and_lr_decays():
+    """gan_start: the first steps update G on Eq. 4-5 and the commitment only, D untouched (and
+    unused); lr_decay: lr x decay^step, set from the step count (so a resume continues it)."""
+    torch.manual_seed(0)
+    run = dataclasses.replace(MINI_RUN, gan_start=2, lr_decay=0.5)
+    trainer = ss.Trainer(MINI_CFG, run)
+    d0 = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    x = demo_batch()
+    warm = [trainer.step(x) for _ in range(2)]
+    assert all(set(h) == {"rec", "commit", "|G|"} for h in warm)
+    assert all(torch.equal(v, trainer.disc.state_dict()[k]) for k, v in d0.items())
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(run.lr * 0.5)  # step 2 of 0, 1
+    gan = trainer.step(x)
+    assert {"d", "adv", "feat"} <= set(gan) and trainer.opt_d.param_groups[0]["lr"] == run.lr / 4
+    assert not all(torch.equal(v, trainer.disc.state_dict()[k]) for k, v in d0.items())
 
 
 def run_training(tmp_path, name, **kwargs):

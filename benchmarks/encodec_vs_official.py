@@ -1,0 +1,86 @@
+"""encodec.py against Meta's `encodec` 0.1.1 on identical weights: single-thread CPU seconds per second
+of audio to encode (waveform -> codes) and to decode (codes -> waveform), for the released 24 kHz and
+48 kHz architectures (random weights; speed does not depend on them), and where our time goes.
+
+    python benchmarks/encodec_vs_official.py [--seconds 10] [--repeats 5] [--bandwidth 6]
+
+Both models run in one process, alternately, on the same input; the codes are checked equal first.
+Ratio = official / ours (above 1: ours is faster). Needs `pip install --no-deps encodec==0.1.1 einops`.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import encodec as ours  # noqa: E402
+from test_encodec import import_official, official_model  # noqa: E402
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bandwidth", type=float, default=6.0)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    official = import_official()
+    print(f"torch {torch.__version__}, 1 thread, {args.seconds:g} s of audio, {args.bandwidth:g} kbps, "
+          f"median of {args.repeats}; seconds per second of audio (lower is faster)")
+    print(f"{'model':<8} {'step':<7} {'official':>9} {'ours':>9} {'ratio':>7}")
+    for name in ("24khz", "48khz"):
+        ref = official_model(official, name)
+        ref.set_target_bandwidth(args.bandwidth)
+        model = ours.EnCodec.from_official(ref.state_dict())
+        torch.manual_seed(0)
+        x = 0.1 * torch.randn(1, model.channels, int(args.seconds * model.sample_rate))
+        frames = ref.encode(x)
+        sent = model.encode(x, bandwidth=args.bandwidth)
+        assert torch.equal(sent.codes, torch.cat([c for c, _ in frames], dim=-1)), "codes differ"
+        rows = [("encode", lambda: ref.encode(x), lambda: model.encode(x, bandwidth=args.bandwidth)),
+                ("decode", lambda: ref.decode(frames), lambda: model.decode(sent))]
+        for step, theirs, mine in rows:
+            t_ref = median_time(theirs, args.repeats) / args.seconds
+            t_ours = median_time(mine, args.repeats) / args.seconds
+            print(f"{name:<8} {step:<7} {t_ref:>9.4f} {t_ours:>9.4f} {t_ref / t_ours:>7.2f}", flush=True)
+    # where our time goes: weight norm recomputed per call, or cached for the call
+    ref = official_model(official, "24khz")
+    model = ours.EnCodec.from_official(ref.state_dict())
+    x = 0.1 * torch.randn(1, 1, int(args.seconds * 24000))
+    n_q = model.n_q_for_bandwidth(args.bandwidth)
+    parts = {
+        "encoder (weight norm per call)": lambda: model.encoder(x),
+        "encoder (weight norm cached)": lambda: cached(lambda: model.encoder(x)),
+        "quantizer encode": lambda: model.quantizer.encode(z, n_q),
+        "decoder (weight norm cached)": lambda: cached(lambda: model.decoder(z)),
+    }
+    z = model.encoder(x)
+    print("24khz, ours, seconds per second of audio:")
+    for label, fn in parts.items():
+        print(f"  {label:<32} {median_time(fn, args.repeats) / args.seconds:.4f}")
+
+
+def cached(fn):
+    with torch.nn.utils.parametrize.cached():
+        return fn()
+
+
+if __name__ == "__main__":
+    main()
