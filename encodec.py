@@ -35,6 +35,9 @@ compute at inference, which is tested equal to `encodec` 0.1.1.
      replacement is undone at once (tested). Here the EMA sum and count are replaced too.
   3. One discriminator for every bandwidth: §3.4 found one per bandwidth "beneficial"; neither
      audiocraft nor this file does it (it multiplies D by the number of bandwidths).
+  4. Eq. 1's L2 term compares log mel spectrograms, squared (audiocraft's form); as printed (linear
+     mel, a plain norm) the tiny run's mel distance rose with the bandwidth. `--log_l2 false`
+     restores Eq. 1 as printed.
 The official architecture differs from §3.1's text, and the released weights need the code's:
 a residual unit of kernels 3 and 1 at half the channels with a 1x1 conv skip (§3.1: two
 kernel-3 convs and a skip), a skip around each LSTM, reflect padding, GroupNorm(1, C) for the
@@ -133,6 +136,7 @@ class TrainConfig:
     balancer_decay: float = 0.999  # beta = 0.999 (§3.4)
     mel_bins: int = 64             # 64-bin mel spectrograms (§3.4)
     mel_scales: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)  # 2^i, i = 5..11 (Eq. 1)
+    log_l2: bool = True            # DEVIATION 4: Eq. 1's L2 term on log mels (audiocraft's)
     # optimisation (§4.4)
     lr: float = 3e-4               # Adam, learning rate 3e-4 (§4.4)
     betas: tuple[float, ...] = (0.5, 0.9)  # beta_1 = 0.5, beta_2 = 0.9 (§4.4)
@@ -171,13 +175,16 @@ PRESETS = {
     "audiogen16k": (Config(sample_rate=16000, causal=False, n_filters=64, true_skip=True,
                            pad_mode="constant", num_quantizers=4, codebook_size=2048,
                            bandwidths=(2.2,)), TrainConfig()),
-    # CPU demo on the 16 kHz demo corpus. Our choices: narrow nets, K = 32 (5-bit codebooks,
-    # 0.25 kbps each at 50 Hz), short crops, a higher learning rate, a reconstruction-only start
+    # CPU demo on the 16 kHz demo corpus, ~8 min on 2 idle cores (README). Our choices: narrow nets,
+    # K = 32 (5-bit codebooks, 0.25 kbps each at 50 Hz), short crops, a higher learning rate
+    # decaying 0.999 per step, and the reconstruction terms only (gan_start = steps: a GAN step
+    # costs 4.5x a reconstruction step here, and soundstream.py's tiny run lost STOI to 300 GAN
+    # steps); the discriminator, balancer and GAN terms run in the tests and the notebook
     "tiny": (Config(sample_rate=16000, n_filters=8, dimension=32, num_quantizers=8,
                     codebook_size=32, bandwidths=(0.25, 0.5, 1.0, 2.0), kmeans_iters=10),
              TrainConfig(disc_filters=8, disc_windows=(1024, 512, 256, 128, 64), lr=1e-3,
-                         lr_decay=0.999, gan_start=2000, batch_size=8, segment_seconds=0.4,
-                         steps=2300, log_every=50, sample_every=1000, ckpt_every=500,
+                         lr_decay=0.999, gan_start=3000, batch_size=8, segment_seconds=0.4,
+                         steps=3000, log_every=100, sample_every=1500, ckpt_every=500,
                          eval_utterances=16, metrics="mel,pesq,stoi", num_workers=0)),
 }
 CHOICES = {"norm": ("weight_norm", "time_group_norm", "none"),
@@ -214,7 +221,10 @@ def check_config(cfg, run=None):
 
 def pad1d(x, left, right, mode):
     """F.pad that also reflects inputs shorter than the padding: they are first extended with
-    zeros on the right, as the official code does (so a 100-sample input works)."""
+    zeros on the right, as the official code does (so a 100-sample input works). No padding, no
+    copy (the official code copies: a third of the kernel-1 convs' time)."""
+    if left == right == 0:
+        return x
     if mode == "reflect" and x.shape[-1] <= max(left, right):
         extra = max(left, right) - x.shape[-1] + 1
         return F.pad(F.pad(x, (0, extra)), (left, right), "reflect")[..., :x.shape[-1] + left
@@ -230,7 +240,8 @@ class NormConv(nn.Module):
         super().__init__()
         self.name = name
         setattr(self, name, weight_norm(conv) if norm == "weight_norm" else conv)
-        self.norm = nn.GroupNorm(1, conv.out_channels) if norm == "time_group_norm" else nn.Identity()
+        grouped = norm == "time_group_norm"
+        self.norm = nn.GroupNorm(1, conv.out_channels) if grouped else nn.Identity()
 
 
 class SConv1d(nn.Module):
@@ -691,7 +702,8 @@ class EnCodec(nn.Module):
             m.streaming, m.state = True, None
         self.streaming_calls = {"encode": 0, "decode": 0}
         try:
-            yield self
+            with parametrize.cached():  # weight norm computed once for the whole stream
+                yield self
         finally:
             for m in mods:
                 m.streaming, m.state = False, None
@@ -781,10 +793,11 @@ class STFTDiscriminator(nn.Module):
         self.window, self.hop = window, window // 4  # hop W/4: audiocraft's; the paper has none
         self.register_buffer("hann", torch.hann_window(window), persistent=False)
         k_t, k_f = kernel
-        convs = [weight_norm(nn.Conv2d(2, filters, kernel, padding=((k_t - 1) // 2, (k_f - 1) // 2)))]
-        for d in dilations:
-            convs.append(weight_norm(nn.Conv2d(filters, filters, kernel, stride=(1, 2), dilation=(d, 1),
-                                               padding=((k_t - 1) * d // 2, (k_f - 1) // 2))))
+        pad_f = (k_f - 1) // 2
+        convs = [weight_norm(nn.Conv2d(2, filters, kernel, padding=((k_t - 1) // 2, pad_f)))]
+        for d in dilations:  # stride 2 over frequency, dilation d over time
+            convs.append(weight_norm(nn.Conv2d(filters, filters, kernel, stride=(1, 2),
+                                               dilation=(d, 1), padding=((k_t - 1) * d // 2, pad_f))))
         convs.append(weight_norm(nn.Conv2d(filters, filters, (k_t, k_t), padding=(k_t - 1) // 2)))
         self.convs = nn.ModuleList(convs)
         self.conv_post = weight_norm(nn.Conv2d(filters, 1, (k_t, k_t), padding=(k_t - 1) // 2))
@@ -808,7 +821,9 @@ class MultiScaleSTFTDiscriminator(nn.Module):
     def __init__(self, run):
         super().__init__()
         self.discriminators = nn.ModuleList(
-            STFTDiscriminator(run.disc_filters, w, tuple(run.disc_kernel)) for w in run.disc_windows)
+            STFTDiscriminator(run.disc_filters, w, tuple(run.disc_kernel))
+            for w in run.disc_windows)
+        # DEVIATION 3: one discriminator for every bandwidth (§3.4: one per bandwidth helped)
 
     def forward(self, x):  # (B, C, T) -> [(logits, [features])] for each scale
         return [d(x) for d in self.discriminators]
@@ -838,16 +853,19 @@ def feature_loss(real, fake):
 
 
 class FrequencyLoss(nn.Module):
-    """Eq. 1: l_f = 1/(|alpha| |s|) sum_i ||S_i(x) - S_i(x_hat)||_1 + alpha_i ||S_i(x) - S_i(x_hat)||_2
+    """Eq. 1: l_f = 1/(|alpha| |s|) sum_i ||S_i(x) - S_i(x_hat)||_1
+                                          + alpha_i ||S_i(x) - S_i(x_hat)||_2
     over the scales i = 5..11: S_i a 64-bin mel spectrogram of a normalised STFT, window 2^i,
-    hop 2^i/4, alpha_i = 1 (§3.4). Both terms on the linear mel spectrogram, as Eq. 1 writes.
-    Our choices where Eq. 1 is silent: the L1 norm divided by the number of elements and the L2
-    norm by its square root (per-bin magnitudes), averaged over the scales; HTK mel scale with
-    peak-1 triangles; Hann window. Always float32, also under AMP."""
+    hop 2^i/4, alpha_i = 1 (§3.4). DEVIATION 4 (`log_l2`, on by default): the L2 term compares
+    log mel spectrograms, squared and averaged, as audiocraft's MultiScaleMelSpectrogramLoss does;
+    Eq. 1 as printed (linear, `--log_l2 false`) made the tiny run's mel distance worse with
+    bandwidth (README). Our choices where Eq. 1 is silent: norms as means over the elements (the
+    L2 as a root mean square when linear), averaged over the scales; log floor 1e-5; HTK mel scale
+    with peak-1 triangles; Hann window. Always float32, also under AMP."""
 
-    def __init__(self, sample_rate, scales, n_mels):
+    def __init__(self, sample_rate, scales, n_mels, log_l2=True):
         super().__init__()
-        self.scales = tuple(scales)
+        self.scales, self.log_l2 = tuple(scales), log_l2
         for s in self.scales:
             fb = mel_filterbank(sample_rate, s, n_mels, htk=True, norm=None)  # (64, s/2 + 1)
             self.register_buffer(f"fb{s}", fb, persistent=False)
@@ -863,8 +881,13 @@ class FrequencyLoss(nn.Module):
             x, x_hat = (v.reshape(-1, v.shape[-1]).float() for v in (x, x_hat))  # (B*C, T)
             loss = 0.0
             for s in self.scales:
-                diff = self.mel(x, s) - self.mel(x_hat, s)
-                loss = loss + diff.abs().mean() + diff.pow(2).mean().sqrt()  # alpha_i = 1
+                S_x, S_y = self.mel(x, s), self.mel(x_hat, s)
+                l1 = (S_x - S_y).abs().mean()
+                if self.log_l2:  # DEVIATION 4
+                    l2 = (S_x.clamp(min=1e-5).log() - S_y.clamp(min=1e-5).log()).pow(2).mean()
+                else:
+                    l2 = (S_x - S_y).pow(2).mean().sqrt()
+                loss = loss + l1 + l2  # alpha_i = 1
         return loss / len(self.scales)
 
 
@@ -1184,7 +1207,8 @@ class Trainer:
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = EnCodec(cfg).to(self.device)
         self.disc = MultiScaleSTFTDiscriminator(run).to(self.device)
-        self.freq_loss = FrequencyLoss(cfg.sample_rate, run.mel_scales, run.mel_bins).to(self.device)
+        self.freq_loss = FrequencyLoss(cfg.sample_rate, run.mel_scales, run.mel_bins,
+                                       run.log_l2).to(self.device)
         self.balancer = Balancer({"t": run.lambda_t, "f": run.lambda_f, "g": run.lambda_g,
                                   "feat": run.lambda_feat}, run.balancer_decay)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=run.lr, betas=tuple(run.betas))

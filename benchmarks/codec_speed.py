@@ -26,9 +26,18 @@ def soundstream_model():
     return soundstream.SoundStream(soundstream.PRESETS["paper"][0])
 
 
+def encodec_model():
+    import encodec
+    model = encodec.EnCodec(encodec.PRESETS["24khz"][0])
+    for vq in model.quantizer.layers:  # random entries (untrained codebooks start at zero)
+        vq.embed.normal_()
+        vq.inited.fill_(1)
+    return model
+
+
 # One entry per codec file: a function building its paper-preset model with the shared codec interface
 # (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal).
-CODECS = {"soundstream": soundstream_model}
+CODECS = {"soundstream": soundstream_model, "encodec": encodec_model}
 
 
 def median_time(fn, repeats):
@@ -46,17 +55,19 @@ def bench(name, build, seconds, repeats):
     torch.manual_seed(0)
     model = build().eval()
     wav = 0.1 * torch.randn(1, model.channels, int(seconds * model.sample_rate))  # (1, C, T)
-    codes = model.encode(wav)
+    sent = model.encode(wav)  # codes (1, Q, F), or with side information (EnCodec: codes, scale)
+    codes = getattr(sent, "codes", sent)
     enc = median_time(lambda: model.encode(wav), repeats) / seconds
-    dec = median_time(lambda: model.decode(codes), repeats) / seconds
+    dec = median_time(lambda: model.decode(sent), repeats) / seconds
     row = {"codec": name, "sr": model.sample_rate, "params": sum(p.numel() for p in model.parameters()),
            "codes": f"{codes.shape[1]}x{model.codebook_size}", "enc": enc, "dec": dec, "frame_ms": None}
     if hasattr(model, "streaming"):
         M, n = model.hop_length, int(model.frame_rate)  # 1 s of audio, n frames
         x = wav[..., :n * M]
-        for chunk in (1, 10):  # frames per call
-            pieces = x.split(chunk * M, dim=-1)
-            code_pieces = codes[..., :n].split(chunk, dim=-1)
+        for chunk in (1, 10):  # frames per call; EnCodec's first call needs 7 (its reflect padding)
+            first = max(chunk, model.cfg.kernel_size) if name == "encodec" else chunk
+            pieces = [x[..., :first * M]] + list(x[..., first * M:].split(chunk * M, dim=-1))
+            code_pieces = [codes[..., :first]] + list(codes[..., first:n].split(chunk, dim=-1))
 
             def stream_encode():
                 with model.streaming():
