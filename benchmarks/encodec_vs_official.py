@@ -60,7 +60,8 @@ def main():
             t_ref = median_time(theirs, args.repeats) / args.seconds
             t_ours = median_time(mine, args.repeats) / args.seconds
             print(f"{name:<8} {step:<7} {t_ref:>9.4f} {t_ours:>9.4f} {t_ref / t_ours:>7.2f}", flush=True)
-    # where our time goes: weight norm recomputed per call, or cached for the call
+    # where our time goes: weight norm recomputed per call, or cached for the call; the LSTMs (the
+    # same nn.LSTM in both: a memory-bound recurrence, 2 x 4 MB of weights read per frame)
     ref = official_model(official, "24khz")
     model = ours.EnCodec.from_official(ref.state_dict())
     x = 0.1 * torch.randn(1, 1, int(args.seconds * 24000))
@@ -70,8 +71,10 @@ def main():
         "encoder (weight norm cached)": lambda: cached(lambda: model.encoder(x)),
         "quantizer encode": lambda: model.quantizer.encode(z, n_q),
         "decoder (weight norm cached)": lambda: cached(lambda: model.decoder(z)),
+        "the two LSTMs (encoder + decoder)": lambda: (model.encoder.model[13](h), model.decoder.model[1](h)),
     }
     z = model.encoder(x)
+    h = torch.randn(1, 512, z.shape[-1])  # what the LSTMs see: 512 channels at 75 Hz
     print("24khz, ours, seconds per second of audio:")
     for label, fn in parts.items():
         print(f"  {label:<32} {median_time(fn, args.repeats) / args.seconds:.4f}")
