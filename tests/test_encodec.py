@@ -278,6 +278,40 @@ def test_commitment_is_eq_3_averaged_and_reaches_the_encoder_from_every_codebook
     assert torch.allclose(z_q, z + (z_q - z))  # straight-through value is the quantized one
 
 
+def test_ema_update_and_kmeans_by_hand():
+    """§3.2: counts and sums are EMAs (decay 0.99) of the batch's assignments, an entry is the
+    ratio with Laplace-smoothed counts; k-means on the first batch finds its clusters."""
+    cfg = dataclasses.replace(MINI_CFG, dimension=2, codebook_size=2, kmeans_iters=5,
+                              dead_code_threshold=0.0)
+    vq = ours.Codebook(cfg)
+    vq.embed.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    vq.embed_avg.copy_(vq.embed * 4)
+    vq.cluster_size.fill_(4.0)
+    vq.inited.fill_(1)
+    vq.train()
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])  # two frames to entry 0, one to 1
+    codes, q = vq(z)
+    assert codes.tolist() == [0, 0, 1] and torch.equal(q[2], torch.tensor([10.0, 10.0]))
+    counts = torch.tensor([0.99 * 4 + 0.01 * 2, 0.99 * 4 + 0.01 * 1])
+    sums = torch.stack([0.99 * torch.zeros(2) + 0.01 * torch.tensor([1.0, 1.0]),
+                        0.99 * torch.tensor([40.0, 40.0]) + 0.01 * torch.tensor([9.0, 9.0])])
+    n = counts.sum()
+    smoothed = (counts + 1e-5) / (n + 2 * 1e-5) * n
+    assert torch.allclose(vq.cluster_size, counts) and torch.allclose(vq.embed_avg, sums)
+    assert torch.allclose(vq.embed, sums / smoothed[:, None])
+    # k-means: Lloyd's fixed point, each entry the mean of the frames nearest to it; then, as the
+    # official code, counts = the last assignment counts and embed_avg = embed (not embed * count)
+    km = ours.Codebook(cfg)
+    torch.manual_seed(0)
+    frames = torch.cat([torch.randn(5, 2) * 0.1 + 5, torch.randn(3, 2) * 0.1 - 5])
+    km.kmeans_init(frames)
+    codes = km.nearest(frames)
+    for k in range(2):
+        assert torch.allclose(km.embed[k], frames[codes == k].mean(0), atol=1e-6)
+        assert km.cluster_size[k] == (codes == k).sum()
+    assert torch.equal(km.embed_avg, km.embed) and km.inited.item() == 1
+
+
 def test_dead_codes_are_replaced_here_and_undone_in_the_official_code(official):
     """DEVIATION 2, measured: the official codebook writes a batch vector into the dead entry
     and overwrites it in the same call; ours keeps it."""
