@@ -19,6 +19,8 @@ Paper -> code
                                   discriminator_loss, Trainer.step (Eq. 4)
   §3.4 balancer, Eq. 5 .......... Balancer
   §4.4 training recipe .......... TrainConfig, PRESETS
+  §3.3 entropy coding ........... quantized_cdf, ArithmeticCoder, ArithmeticDecoder, BitPacker
+                                  (the official coder, bit for bit; its LM and .ecdc files: not yet)
   released weights .............. EnCodec.from_official (encodec_24khz / 48khz .th, Hugging Face)
 
 Shapes: B batch, C audio channels, T samples, F frames (T / M), M hop = prod(ratios) = 320,
@@ -38,6 +40,9 @@ compute at inference, which is tested equal to `encodec` 0.1.1.
   4. Eq. 1's L2 term compares log mel spectrograms, squared (audiocraft's form); as printed (linear
      mel, a plain norm) the tiny run's mel distance rose with the bandwidth. `--log_l2 false`
      restores Eq. 1 as printed.
+  5. The arithmetic coder's quantized CDF never ends past its range: the official one does when
+     float32 probabilities sum above 1, and its stream then decodes wrongly (tested). Identical
+     wherever the official CDF is valid, so valid official streams are bit for bit the same.
 The official architecture differs from §3.1's text, and the released weights need the code's:
 a residual unit of kernels 3 and 1 at half the channels with a 1x1 conv skip (§3.1: two
 kernel-3 convs and a skip), a skip around each LSTM, reflect padding, GroupNorm(1, C) for the
@@ -776,6 +781,149 @@ def ours_from_official(state, model):
 
     ours = {hf(k): k for k in model.state_dict()}
     return {ours.get(k, k): v for k, v in state.items()}
+
+# -------------------------------------------------------------------------------------------------
+# Entropy coding (§3.3): bit packing and the arithmetic coder of the .ecdc format
+
+
+class BitPacker:
+    """Writes `bits`-bit integers to a byte stream, least significant bits first, as the official
+    .ecdc payload without the LM does (10-bit codes: 4 codes in 5 bytes)."""
+
+    def __init__(self, bits, fo):
+        self.bits, self.fo = bits, fo
+        self.value, self.filled = 0, 0  # pending bits, and how many
+
+    def push(self, value):
+        self.value += value << self.filled
+        self.filled += self.bits
+        while self.filled >= 8:  # a full byte is ready
+            self.fo.write(bytes([self.value & 0xFF]))
+            self.value >>= 8
+            self.filled -= 8
+
+    def flush(self):  # the last, partial byte, padded with zeros
+        if self.filled:
+            self.fo.write(bytes([self.value]))
+            self.value, self.filled = 0, 0
+
+
+class BitUnpacker:
+    """Reads back what BitPacker wrote; None at the end of the stream."""
+
+    def __init__(self, bits, fo):
+        self.bits, self.fo = bits, fo
+        self.value, self.filled = 0, 0
+
+    def pull(self):
+        while self.filled < self.bits:
+            byte = self.fo.read(1)
+            if not byte:
+                return None
+            self.value += byte[0] << self.filled
+            self.filled += 8
+        out = self.value & ((1 << self.bits) - 1)
+        self.value >>= self.bits
+        self.filled -= self.bits
+        return out
+
+
+def quantized_cdf(pdf, total_range_bits=24, roundoff=1e-8, min_range=2):
+    """The probabilities (K,) as integer interval ends (K,) in [0, 2^24]: symbol k owns
+    [cdf[k-1], cdf[k]). Coder and decoder must build exactly the same integers, so the floats are
+    first rounded down to multiples of 1e-8 (an LM evaluated on two machines differs in the last
+    bits), and every symbol gets at least 2 units (one that the LM thought impossible must still
+    be codable). The official constants, for identical bitstreams."""
+    pdf = (pdf.detach() / roundoff).floor() * roundoff
+    total = 2 ** total_range_bits
+    alpha = min_range * len(pdf) / total  # the share of the range given away as minimums
+    widths = (((1 - alpha) * total) * pdf).floor().long() + min_range
+    # DEVIATION 5: float32 probabilities can sum to a little over 1, and then the official CDF ends
+    # past 2^24 and the stream cannot be decoded (tested); the excess comes off the widest piece.
+    # Wherever the official CDF is valid, this one is identical.
+    excess = int(widths.sum()) - total
+    if excess > 0:
+        widths[widths.argmax()] -= excess
+    return torch.cumsum(widths, dim=-1)
+
+
+class ArithmeticCoder:
+    """Arithmetic coding, for a reader who has never seen it. The message is one number in [0, 1).
+    Start from the whole interval; for each symbol, cut the current interval into pieces
+    proportional to the symbol probabilities and keep the symbol's piece. A likely symbol keeps
+    most of the interval, so it costs few bits: a message whose pieces multiply to p needs about
+    -log2 p bits to name a number inside its final interval. In integers: the interval is
+    [low, high] on max_bit + 1 bits. When its width falls under 2^24 it is doubled (one more bit
+    of precision, renormalisation); when low and high agree on their leading bit, that bit can
+    never change again and is written out. The decoder repeats the same cuts with the same
+    quantized CDFs and finds the piece that contains the number read so far. Written as the
+    official coder (ac.py), float expressions included, so that the bitstreams are identical."""
+
+    def __init__(self, fo, total_range_bits=24):
+        self.bits = total_range_bits
+        self.packer = BitPacker(1, fo)
+        self.low, self.high, self.max_bit = 0, 0, -1
+
+    def piece(self, symbol, cdf):  # the symbol's piece of the current interval, as offsets
+        lo = 0 if symbol == 0 else int(cdf[symbol - 1])
+        hi = int(cdf[symbol]) - 1
+        scale = (self.high - self.low + 1) / 2 ** self.bits
+        return int(math.ceil(lo * scale)), int(math.floor(hi * scale))
+
+    def push(self, symbol, cdf):
+        while self.high - self.low + 1 < 2 ** self.bits:  # renormalise: one more bit
+            self.low, self.high, self.max_bit = 2 * self.low, 2 * self.high + 1, self.max_bit + 1
+        lo, hi = self.piece(symbol, cdf)
+        self.low, self.high = self.low + lo, self.low + hi
+        while self.max_bit >= 0 and self.low >> self.max_bit == self.high >> self.max_bit:
+            bit = self.low >> self.max_bit  # settled: write it, drop it from low and high
+            self.low, self.high = self.low - (bit << self.max_bit), self.high - (bit << self.max_bit)
+            self.max_bit -= 1
+            self.packer.push(bit)
+
+    def flush(self):  # low's remaining bits name a number inside the final interval
+        while self.max_bit >= 0:
+            self.packer.push((self.low >> self.max_bit) & 1)
+            self.max_bit -= 1
+        self.packer.flush()
+
+
+class ArithmeticDecoder(ArithmeticCoder):
+    """Reads what ArithmeticCoder wrote: the same intervals, plus `current`, the number read so
+    far; each pull finds, by binary search, the piece that contains it."""
+
+    def __init__(self, fo, total_range_bits=24):
+        self.bits = total_range_bits
+        self.unpacker = BitUnpacker(1, fo)
+        self.low, self.high, self.current, self.max_bit = 0, 0, 0, -1
+
+    def pull(self, cdf):
+        """The next symbol, or None when the stream has ended."""
+        while self.high - self.low + 1 < 2 ** self.bits:
+            bit = self.unpacker.pull()
+            if bit is None:
+                return None
+            self.low, self.high, self.max_bit = 2 * self.low, 2 * self.high + 1, self.max_bit + 1
+            self.current = 2 * self.current + bit
+        first, last = 0, len(cdf) - 1
+        while True:  # the pieces are ordered: binary search for the one holding `current`
+            if last < first:
+                raise ValueError("corrupt .ecdc stream: no symbol matches the coded number")
+            mid = (first + last) // 2
+            lo, hi = self.piece(mid, cdf)
+            if self.current < self.low + lo:
+                last = mid - 1
+            elif self.current > self.low + hi:
+                first = mid + 1
+            else:
+                break
+        self.low, self.high = self.low + lo, self.low + hi
+        while self.max_bit >= 0 and self.low >> self.max_bit == self.high >> self.max_bit:
+            bit = self.low >> self.max_bit
+            self.low, self.high = self.low - (bit << self.max_bit), self.high - (bit << self.max_bit)
+            self.current -= bit << self.max_bit
+            self.max_bit -= 1
+        return mid
 
 # -------------------------------------------------------------------------------------------------
 # Discriminator (§3.4)
