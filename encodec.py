@@ -37,12 +37,15 @@ compute at inference, which is tested equal to `encodec` 0.1.1.
      replacement is undone at once (tested). Here the EMA sum and count are replaced too.
   3. One discriminator for every bandwidth: §3.4 found one per bandwidth "beneficial"; neither
      audiocraft nor this file does it (it multiplies D by the number of bandwidths).
-  4. Eq. 1's L2 term compares log mel spectrograms, squared (audiocraft's form); as printed (linear
+  4. Eq. 1's L2 term compares log mel spectrograms, squared (after audiocraft, which takes log10 of
+     a power mel; here the natural log of the magnitude mel); as printed (linear
      mel, a plain norm) the tiny run's mel distance rose with the bandwidth. `--log_l2 false`
      restores Eq. 1 as printed.
   5. The arithmetic coder's quantized CDF never ends past its range: the official one does when
      float32 probabilities sum above 1, and its stream then decodes wrongly (tested). Identical
      wherever the official CDF is valid, so valid official streams are bit for bit the same.
+  6. The commitment term is the official one, the mean of each codebook's mean squared error,
+     averaged over the codebooks, not Eq. 3's sum of squared norms (a factor n_q N D apart).
 The official architecture differs from §3.1's text, and the released weights need the code's:
 a residual unit of kernels 3 and 1 at half the channels with a 1x1 conv skip (§3.1: two
 kernel-3 convs and a skip), a skip around each LSTM, reflect padding, GroupNorm(1, C) for the
@@ -105,18 +108,17 @@ class Config:
     norm: str = "weight_norm"      # weight norm when streamable, else "time_group_norm" (§3.1)
     n_filters: int = 32            # C = 32 channels after the first conv (§3.1)
     ratios: tuple[int, ...] = (8, 5, 4, 2)  # decoder strides; the encoder runs 2, 4, 5, 8 (§3.1)
-    dimension: int = 128           # D = 128 (§3.1)
-    lstm_layers: int = 2           # "a two-layer LSTM for sequence modelling" (§3.1)
+    dimension: int = 128           # D output channels (§3.1); 128: official code
+    lstm_layers: int = 2           # "a two-layer LSTM for sequence modeling" (§3.1)
     true_skip: bool = False        # official code: a 1x1 conv on the residual skip, not identity
     pad_mode: str = "reflect"      # official code: reflect padding (audiocraft: "constant")
     compress: int = 2              # official code: residual branch at half the channels
     kernel_size: int = 7           # first and last convs: kernel 7 (§3.1)
-    residual_kernel_size: int = 3  # residual unit: kernel 3 then 1 (§3.1)
-    dilation_base: int = 2         # official code: dilation 2^j for residual layer j (one here)
+    residual_kernel_size: int = 3  # kernel 3 (§3.1), then 1 (official code; §3.1: 3 and 3)
     num_quantizers: int = 32       # 24 kbps at 75 Hz with 10-bit codebooks (§3.2)
     codebook_size: int = 1024      # 1024 entries per codebook (§3.2)
-    bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps (§4.1)
-    normalize: bool = False        # 48 kHz: each segment divided by its RMS, sent as `scale`
+    bandwidths: tuple[float, ...] = (1.5, 3.0, 6.0, 12.0, 24.0)  # kbps at 24 kHz (§3.2)
+    normalize: bool = False        # 48 kHz: "normalize each chunk" (§3.1); by its RMS: official
     segment: float = 0.0           # 48 kHz: 1 s segments (§3.1); 0: the whole input at once
     overlap: float = 0.01          # 48 kHz: 10 ms overlap between segments (§3.1)
     ema_decay: float = 0.99        # codebook EMA decay 0.99 (§3.2)
@@ -168,8 +170,9 @@ class TrainConfig:
 
 PRESETS = {
     "24khz": (Config(), TrainConfig()),
-    # encodec_model_48khz: stereo, not causal, time-group norm, 150 Hz, 16 x 1024 (§4.1); the
-    # discriminator's windows doubled, trained every other batch, lambda_g = lambda_feat = 4
+    # encodec_model_48khz: stereo, not causal, time-group norm (§3.1), 150 Hz (§3.1), 16 x 1024
+    # (§3.2), 3-24 kbps (§3.4); D's windows doubled, updated with probability 0.5 (§3.4);
+    # lambda_g = lambda_feat = 4 (§4.4)
     "48khz": (Config(sample_rate=48000, channels=2, causal=False, norm="time_group_norm",
                      num_quantizers=16, bandwidths=(3.0, 6.0, 12.0, 24.0), normalize=True,
                      segment=1.0),
@@ -203,6 +206,14 @@ def check_config(cfg, run=None):
             if obj is not None and hasattr(obj, name) and getattr(obj, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(obj, name)!r}")
+    for name, low in (("codebook_size", 2), ("kmeans_iters", 1), ("compress", 1),
+                      ("num_quantizers", 1), ("n_filters", 1), ("dimension", 1)):
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{name} must be at least {low}; got {getattr(cfg, name)}")
+    if run is not None:
+        if run.batch_size < 1 or len(run.betas) != 2 or len(run.disc_kernel) != 2:
+            raise ValueError("batch_size must be at least 1, and betas and disc_kernel pairs "
+                             f"(A,B); got {run.batch_size}, {run.betas}, {run.disc_kernel}")
     if cfg.causal and cfg.norm == "time_group_norm":
         raise ValueError("time_group_norm normalises over the whole signal: it cannot be causal")
     per_q = math.ceil(cfg.sample_rate / math.prod(cfg.ratios)) * math.log2(cfg.codebook_size) / 1e3
@@ -303,7 +314,7 @@ class SConvTranspose1d(nn.Module):
             y = self.convtr.norm(conv(x))  # (B, C_out, F*s + trim)
             right = self.trim if self.causal else self.trim // 2
             return y[..., self.trim - right:y.shape[-1] - right]
-        y = F.conv_transpose1d(x, conv.weight, None, self.stride)  # causal: no norm but WN
+        y = F.conv_transpose1d(x, conv.weight, None, self.stride)  # causal: no GroupNorm
         if self.state is not None:  # add the tail the previous chunk left unfinished
             y = torch.cat([y[..., :self.trim] + self.state, y[..., self.trim:]], dim=-1)
         self.state = y[..., y.shape[-1] - self.trim:]
@@ -500,7 +511,7 @@ class ResidualVectorQuantizer(nn.Module):
             for vq in self.layers[:n_q]:
                 code, q = vq(residual)  # (N,), (N, D)
                 z_q = z_q + q
-                commit.append(F.mse_loss(residual, q))
+                commit.append(F.mse_loss(residual, q))  # DEVIATION 6: official, not Eq. 3's sum
                 # DEVIATION 1: detach q, not r_i: every r_i keeps its path to the encoder, so
                 # every codebook's commitment term reaches it (encodec issue #25: it does not)
                 residual = residual - q.detach()
@@ -612,6 +623,23 @@ class EnCodec(nn.Module):
         stride = max(1, int((1 - self.cfg.overlap) * length))
         return [(i, min(length, T - i)) for i in range(0, T, stride)]
 
+    def segment_frames(self, frames, S):
+        """Frames of each of S segments that hold `frames` in all. Every segment but the last two
+        is full; those two depend on the input length, which the codes do not carry, so the
+        last segment's length r is searched for (the split depends on r only through F)."""
+        if S == 1:
+            return [frames]
+        length = int(self.cfg.segment * self.sample_rate)
+        stride = max(1, int((1 - self.cfg.overlap) * length))
+        full = math.ceil(length / self.hop_length)
+        for r in range(1, length + 1):
+            tail = [math.ceil(min(length, stride + r) / self.hop_length),
+                    math.ceil(r / self.hop_length)]
+            if full * (S - 2) + sum(tail) == frames:
+                return [full] * (S - 2) + tail
+        raise ValueError(f"{frames} frames cannot be {S} segments of this model: codes and scale "
+                         f"do not belong together")
+
     def normalize(self, x):  # (B, C, T) -> x / scale, scale (B, 1): RMS of the mono mix
         if not self.cfg.normalize:
             return x, None
@@ -635,7 +663,9 @@ class EnCodec(nn.Module):
         """wav (B, C, T) -> Encoded(codes (B, n_q, F), scale (B, S) or None). n_q, or the
         bandwidth in kbps, picks the codebooks; default: all."""
         self.check_wav(wav, sample_rate)
-        n_q = n_q or self.n_q_for_bandwidth(bandwidth)
+        if n_q is not None and bandwidth is not None:
+            raise ValueError("give n_q or bandwidth, not both")
+        n_q = self.n_q_for_bandwidth(bandwidth) if n_q is None else n_q
         if not 1 <= n_q <= self.num_codebooks:
             raise ValueError(f"n_q must be in 1..{self.num_codebooks}, got {n_q}")
         if self.streaming_calls is not None:
@@ -650,14 +680,13 @@ class EnCodec(nn.Module):
         return Encoded(torch.cat(codes, dim=-1), scale)
 
     def check_chunk(self, frames, call, unit):
-        first = self.streaming_calls[call] == 0
-        self.streaming_calls[call] += 1
-        need = self.cfg.kernel_size if first else 1
+        need = self.cfg.kernel_size if self.streaming_calls[call] == 0 else 1
         if frames != int(frames) or frames < need:
             M = self.hop_length if unit == "samples" else 1
             raise ValueError(f"streaming {call} chunks must be multiples of {M} {unit}, the first "
                              f"at least {self.cfg.kernel_size * M} (the official reflect padding "
                              f"reads that far); got {int(frames * M)}")
+        self.streaming_calls[call] += 1  # counted once accepted
 
     @torch.no_grad()
     def decode(self, codes, scale=None):
@@ -679,11 +708,9 @@ class EnCodec(nn.Module):
                              "encode returned beside the codes")
         if self.streaming_calls is not None:
             self.check_chunk(codes.shape[-1], "decode", "frames")
-        if self.cfg.segment:  # F frames per full segment; the last one may be shorter
-            per = math.ceil(int(self.cfg.segment * self.sample_rate) / self.hop_length)
-            chunks = codes.split(per, dim=-1)
-        else:
-            chunks = [codes]
+        chunks = [codes]
+        if self.cfg.segment:
+            chunks = codes.split(self.segment_frames(codes.shape[-1], scale.shape[1]), dim=-1)
         frames = []
         with parametrize.cached():
             for i, chunk in enumerate(chunks):
@@ -700,8 +727,9 @@ class EnCodec(nn.Module):
         conv keeps its last inputs, each transposed conv its unfinished tail and the LSTMs their
         states. Chunks must be multiples of M samples, and the first one at least 7 frames (the
         official reflect padding reads that far into it); outputs equal the offline call."""
-        if not self.cfg.causal or self.cfg.segment:
-            raise ValueError("only a causal model without segments can stream (the 24 kHz one)")
+        if not self.cfg.causal or self.cfg.segment or self.cfg.normalize:
+            raise ValueError("only a causal model without segments or normalisation can stream "
+                             "(the 24 kHz one)")
         mods = [m for m in self.modules() if isinstance(m, (SConv1d, SConvTranspose1d, SLSTM))]
         for m in mods:
             m.streaming, m.state = True, None
@@ -831,7 +859,8 @@ class BitUnpacker:
 def quantized_cdf(pdf, total_range_bits=24, roundoff=1e-8, min_range=2):
     """The probabilities (K,) as integer interval ends (K,) in [0, 2^24]: symbol k owns
     [cdf[k-1], cdf[k]). Coder and decoder must build exactly the same integers, so the floats are
-    first rounded down to multiples of 1e-8 (an LM evaluated on two machines differs in the last
+    first rounded down to multiples of 1e-8 (official ac.py; §3.3 says 1e-6) (an LM evaluated on
+    two machines differs in the last
     bits), and every symbol gets at least 2 units (one that the LM thought impossible must still
     be codable). The official constants, for identical bitstreams."""
     pdf = (pdf.detach() / roundoff).floor() * roundoff
@@ -845,6 +874,15 @@ def quantized_cdf(pdf, total_range_bits=24, roundoff=1e-8, min_range=2):
     if excess > 0:
         widths[widths.argmax()] -= excess
     return torch.cumsum(widths, dim=-1)
+
+
+def piece(symbol, cdf, width, bits):
+    """The symbol's piece of an interval `width` units wide, as offsets from its low end: its CDF
+    piece [cdf[k-1], cdf[k]) scaled from 2^bits units to `width` (official float expressions)."""
+    lo = 0 if symbol == 0 else int(cdf[symbol - 1])
+    hi = int(cdf[symbol]) - 1
+    scale = width / 2 ** bits
+    return int(math.ceil(lo * scale)), int(math.floor(hi * scale))
 
 
 class ArithmeticCoder:
@@ -864,16 +902,10 @@ class ArithmeticCoder:
         self.packer = BitPacker(1, fo)
         self.low, self.high, self.max_bit = 0, 0, -1
 
-    def piece(self, symbol, cdf):  # the symbol's piece of the current interval, as offsets
-        lo = 0 if symbol == 0 else int(cdf[symbol - 1])
-        hi = int(cdf[symbol]) - 1
-        scale = (self.high - self.low + 1) / 2 ** self.bits
-        return int(math.ceil(lo * scale)), int(math.floor(hi * scale))
-
     def push(self, symbol, cdf):
         while self.high - self.low + 1 < 2 ** self.bits:  # renormalise: one more bit
             self.low, self.high, self.max_bit = 2 * self.low, 2 * self.high + 1, self.max_bit + 1
-        lo, hi = self.piece(symbol, cdf)
+        lo, hi = piece(symbol, cdf, self.high - self.low + 1, self.bits)
         self.low, self.high = self.low + lo, self.low + hi
         while self.max_bit >= 0 and self.low >> self.max_bit == self.high >> self.max_bit:
             bit = self.low >> self.max_bit  # settled: write it, drop it from low and high
@@ -888,7 +920,7 @@ class ArithmeticCoder:
         self.packer.flush()
 
 
-class ArithmeticDecoder(ArithmeticCoder):
+class ArithmeticDecoder:
     """Reads what ArithmeticCoder wrote: the same intervals, plus `current`, the number read so
     far; each pull finds, by binary search, the piece that contains it."""
 
@@ -910,7 +942,7 @@ class ArithmeticDecoder(ArithmeticCoder):
             if last < first:
                 raise ValueError("corrupt .ecdc stream: no symbol matches the coded number")
             mid = (first + last) // 2
-            lo, hi = self.piece(mid, cdf)
+            lo, hi = piece(mid, cdf, self.high - self.low + 1, self.bits)
             if self.current < self.low + lo:
                 last = mid - 1
             elif self.current > self.low + hi:
@@ -1005,7 +1037,8 @@ class FrequencyLoss(nn.Module):
                                           + alpha_i ||S_i(x) - S_i(x_hat)||_2
     over the scales i = 5..11: S_i a 64-bin mel spectrogram of a normalised STFT, window 2^i,
     hop 2^i/4, alpha_i = 1 (§3.4). DEVIATION 4 (`log_l2`, on by default): the L2 term compares
-    log mel spectrograms, squared and averaged, as audiocraft's MultiScaleMelSpectrogramLoss does;
+    log mel spectrograms, squared and averaged, after audiocraft's MultiScaleMelSpectrogramLoss
+    (log10 of a power mel there, ln of the magnitude mel here);
     Eq. 1 as printed (linear, `--log_l2 false`) made the tiny run's mel distance worse with
     bandwidth (README). Our choices where Eq. 1 is silent: norms as means over the elements (the
     L2 as a root mean square when linear), averaged over the scales; log floor 1e-5; HTK mel scale
@@ -1059,10 +1092,12 @@ class Balancer:
         if is_distributed():
             dist.all_reduce(norms)
             norms = norms / dist.get_world_size()
-        norms = dict(zip(names, norms))
+        ok = torch.isfinite(norms).all()  # an fp16 step that overflowed is skipped by GradScaler:
+        norms = dict(zip(names, norms))  # it must not enter the EMA either (no host sync here)
         for k in names:
-            self.sums[k] = self.decay * self.sums.get(k, 0.0) + norms[k].detach()
-            self.counts[k] = self.decay * self.counts.get(k, 0.0) + 1.0
+            old_sum, old_count = self.sums.get(k, norms[k] * 0), self.counts.get(k, norms[k] * 0)
+            self.sums[k] = torch.where(ok, self.decay * old_sum + norms[k].detach(), old_sum)
+            self.counts[k] = torch.where(ok, self.decay * old_count + 1, old_count)
         averaged = {k: self.sums[k] / self.counts[k] for k in names}
         total = sum(self.weights[k] for k in names)
         out = sum(self.weights[k] / total * self.total_norm / (self.eps + averaged[k]) * grads[k]
@@ -1070,8 +1105,7 @@ class Balancer:
         return out, norms, averaged
 
     def state_dict(self):
-        return {"sums": {k: torch.as_tensor(v) for k, v in self.sums.items()},
-                "counts": dict(self.counts)}
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load_state_dict(self, state):
         self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
@@ -1241,7 +1275,9 @@ def fit(trainer, run, dataset, interrupt_after=None):
                 stats = trainer.step(batch, diagnose=log_now)
                 history.append(stats)
                 leave = stop["now"] or step >= run.steps or len(history) == interrupt_after
-                finite = all(math.isfinite(v) for v in stats.values() if not isinstance(v, list))
+                # losses only: gradient norms (|...|) are inf on an fp16 step that GradScaler skips
+                finite = all(math.isfinite(v) for k, v in stats.items()
+                             if not isinstance(v, list) and not k.startswith("|"))
                 error = None
                 if master:  # rank 0's own work; its failure is shared through `flags`
                     try:
@@ -1365,6 +1401,8 @@ class Trainer:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.amp_dtype = amp if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and run.amp == "fp16")
+        # G, D: what the updates run through (DDP-wrapped under torchrun); model, disc: the bare
+        # modules, for D's passes in the G update (no DDP hooks, parameters frozen) and saving
         self.G, self.D = self.model, self.disc
         if world > 1:  # the codebooks are kept identical by the quantizer, not by DDP's broadcast
             ddp = nn.parallel.DistributedDataParallel
@@ -1385,7 +1423,8 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
     def draws(self):
-        """This step's bandwidth and whether D is updated: the same on every rank (a generator
+        """This step's bandwidth, one for the whole batch (§3.4), and whether D is updated: the
+        same on every rank (a generator
         seeded by the run's seed and the step), and the same after a resume."""
         g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
         bandwidth = self.cfg.bandwidths[int(torch.randint(len(self.cfg.bandwidths), (1,),
@@ -1394,9 +1433,10 @@ class Trainer:
         return bandwidth, update_d and self.step_count >= self.run.gan_start
 
     def step(self, batch, diagnose=False):
-        """One update: a bandwidth for the whole batch (§3.2), D with probability 2/3 (§3.4), then
-        G through the balancer (Eq. 5), the commitment term beside it. Returns the logged numbers:
-        each term, its raw gradient norm at x_hat, its EMA norm; with `diagnose`, the latent RMS,
+        """One update: a bandwidth for the whole batch, D with probability run.disc_prob (§3.4:
+        2/3 at 24 kHz, 0.5 at 48 kHz), then G through the balancer (Eq. 5), the commitment term
+        beside it. Returns the logged numbers: each term and its raw gradient norm at x_hat
+        (before the balancer); with `diagnose`, also the latent RMS,
         the output's DC, per-codebook perplexity and the codes replaced since the last one."""
         self.model.train()
         lr = self.run.lr * self.run.lr_decay ** self.step_count
@@ -1412,9 +1452,9 @@ class Trainer:
         if update_d:
             with self.autocast():
                 both = self.D(torch.cat([x, x_hat.detach()]))  # 2B examples, one DDP forward
-                B = len(x) * self.cfg.channels  # stereo channels are separate examples
-                real = [(lg[:B], [f[:B] for f in fs]) for lg, fs in both]
-                fake = [(lg[B:], [f[B:] for f in fs]) for lg, fs in both]
+                n = len(x) * self.cfg.channels  # real rows first; stereo channels apart
+                real = [(lg[:n], [f[:n] for f in fs]) for lg, fs in both]
+                fake = [(lg[n:], [f[n:] for f in fs]) for lg, fs in both]
                 d_loss = discriminator_loss(real, fake)
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler.scale(d_loss).backward()

@@ -1016,7 +1016,9 @@ def fit(trainer, run, dataset, interrupt_after=None):
                 stats = trainer.step(batch, diagnose=log_now)
                 history.append(stats)
                 leave = stop["now"] or step >= run.steps or len(history) == interrupt_after
-                finite = all(math.isfinite(v) for v in stats.values() if not isinstance(v, list))
+                # losses only: gradient norms (|...|) are inf on an fp16 step that GradScaler skips
+                finite = all(math.isfinite(v) for k, v in stats.items()
+                             if not isinstance(v, list) and not k.startswith("|"))
                 error = None
                 if master:  # rank 0's own work; its failure is shared through `flags`
                     try:

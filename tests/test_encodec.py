@@ -210,6 +210,13 @@ def test_48khz_segments_scale_and_are_scale_invariant():
     assert torch.allclose(y10, 10 * y, atol=1e-5)
     with pytest.raises(ValueError, match="decode needs the `scale`"):
         model.decode(codes)
+    # decode splits the codes back into segments from (frames, segments) alone, for any length,
+    # also where the second-to-last segment is cut short (47521 samples: 149 + 1 frames)
+    for T in (1, 320, 47520, 47521, 47840, 47841, 48000, 48001, 95040, 95140, 95361, 150000):
+        sizes = [math.ceil(n / 320) for _, n in model.segments(T)]
+        assert model.segment_frames(sum(sizes), len(sizes)) == sizes, T
+    with pytest.raises(ValueError, match="do not belong together"):
+        model.decode(codes, scale[:, :1].repeat(1, 5))
 
 
 def test_streaming_equals_offline_and_needs_a_long_enough_first_chunk():
@@ -570,6 +577,12 @@ def test_bad_tensors_and_configs_get_clear_errors():
         (lambda: model.encode(torch.zeros(1, 1, 1600, dtype=torch.int16)), "float tensor"),
         (lambda: model.encode(x, n_q=5), "n_q must be in 1..4"),
         (lambda: model.encode(x, bandwidth=1.5), "codes 0.2, 0.4, 0.8 kbps; got 1.5"),
+        (lambda: model.encode(x, n_q=2, bandwidth=0.4), "not both"),
+        (lambda: ours.EnCodec(dataclasses.replace(MINI_CFG, kmeans_iters=0)), "at least 1"),
+        (lambda: ours.EnCodec(dataclasses.replace(MINI_CFG, codebook_size=1)), "at least 2"),
+        (lambda: ours.Trainer(MINI_CFG, dataclasses.replace(MINI_RUN, betas=(0.5,))), "pairs"),
+        (lambda: ours.EnCodec(dataclasses.replace(MINI_CFG, normalize=True)).streaming().__enter__(),
+         "only a causal model without segments or normalisation"),
         (lambda: model.decode(torch.zeros(1, 5, 3, dtype=torch.long)), "5 codebooks; this model"),
         (lambda: model.decode(torch.full((1, 2, 3), 16)), r"ids must be in \[0, 16\)"),
         (lambda: model.decode(torch.full((1, 2, 3), -1)), r"ids must be in \[0, 16\)"),
