@@ -217,6 +217,10 @@ def test_48khz_segments_scale_and_are_scale_invariant():
         assert model.segment_frames(sum(sizes), len(sizes)) == sizes, T
     with pytest.raises(ValueError, match="do not belong together"):
         model.decode(codes, scale[:, :1].repeat(1, 5))
+    # the training pass (here without codebook updates) normalises too, and puts the scale back
+    with torch.no_grad():
+        x_hat, x_hat10 = model(x[..., :9600], 2)[0], model(10 * x[..., :9600], 2)[0]
+    assert torch.allclose(x_hat10, 10 * x_hat, atol=1e-5) and x_hat.abs().max() < 1
 
 
 def test_streaming_equals_offline_and_needs_a_long_enough_first_chunk():
