@@ -19,8 +19,9 @@ Paper -> code
                                   discriminator_loss, Trainer.step (Eq. 4)
   §3.4 balancer, Eq. 5 .......... Balancer
   §4.4 training recipe .......... TrainConfig, PRESETS
-  §3.3 entropy coding ........... quantized_cdf, ArithmeticCoder, ArithmeticDecoder, BitPacker
-                                  (the official coder, bit for bit; its LM and .ecdc files: not yet)
+  §3.3 entropy coding ........... EntropyLM, quantized_cdf, ArithmeticCoder, ArithmeticDecoder,
+                                  BitPacker, compress / decompress (.ecdc files, the official
+                                  format; LM training and the CLI: not yet)
   released weights .............. EnCodec.from_official (encodec_24khz / 48khz .th, Hugging Face)
 
 Shapes: B batch, C audio channels, T samples, F frames (T / M), M hop = prod(ratios) = 320,
@@ -41,9 +42,10 @@ compute at inference, which is tested equal to `encodec` 0.1.1.
      a power mel; here the natural log of the magnitude mel); as printed (linear
      mel, a plain norm) the tiny run's mel distance rose with the bandwidth. `--log_l2 false`
      restores Eq. 1 as printed.
-  5. The arithmetic coder's quantized CDF never ends past its range: the official one does when
-     float32 probabilities sum above 1, and its stream then decodes wrongly (tested). Identical
-     wherever the official CDF is valid, so valid official streams are bit for bit the same.
+  5. The arithmetic coder's quantized CDF never ends past its range: the official one can, when
+     float32 probabilities sum above 1, and a stream that then codes the last symbol decodes
+     wrongly (tested). Only that piece is cut, so every stream the official coder gets right is
+     bit for bit the same.
   6. The commitment term is the official one, the mean of each codebook's mean squared error,
      averaged over the codebooks, not Eq. 3's sum of squared norms (a factor n_q N D apart).
 The official architecture differs from §3.1's text, and the released weights need the code's:
@@ -69,11 +71,14 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import io
+import json
 import math
 import os
 import random
 import re
 import signal
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -867,13 +872,17 @@ def quantized_cdf(pdf, total_range_bits=24, roundoff=1e-8, min_range=2):
     total = 2 ** total_range_bits
     alpha = min_range * len(pdf) / total  # the share of the range given away as minimums
     widths = (((1 - alpha) * total) * pdf).floor().long() + min_range
+    cdf = torch.cumsum(widths, dim=-1)
     # DEVIATION 5: float32 probabilities can sum to a little over 1, and then the official CDF ends
-    # past 2^24 and the stream cannot be decoded (tested); the excess comes off the widest piece.
-    # Wherever the official CDF is valid, this one is identical.
-    excess = int(widths.sum()) - total
-    if excess > 0:
-        widths[widths.argmax()] -= excess
-    return torch.cumsum(widths, dim=-1)
+    # past 2^24: coding the last symbol then corrupts the interval, and the stream decodes wrongly
+    # (tested). Its piece is cut at 2^24; every other piece is the official one, so streams that
+    # the official coder gets right are byte for byte the same.
+    if cdf[-1] > total:
+        cdf[-1] = total
+        if len(cdf) > 1 and cdf[-1] - cdf[-2] < min_range:  # rarer still: too little left for
+            widths[widths.argmax()] -= int(widths.sum()) - total  # it; the excess comes off
+            cdf = torch.cumsum(widths, dim=-1)  # the widest piece instead
+    return cdf
 
 
 def piece(symbol, cdf, width, bits):
@@ -909,7 +918,8 @@ class ArithmeticCoder:
         self.low, self.high = self.low + lo, self.low + hi
         while self.max_bit >= 0 and self.low >> self.max_bit == self.high >> self.max_bit:
             bit = self.low >> self.max_bit  # settled: write it, drop it from low and high
-            self.low, self.high = self.low - (bit << self.max_bit), self.high - (bit << self.max_bit)
+            self.low -= bit << self.max_bit
+            self.high -= bit << self.max_bit
             self.max_bit -= 1
             self.packer.push(bit)
 
@@ -952,10 +962,182 @@ class ArithmeticDecoder:
         self.low, self.high = self.low + lo, self.low + hi
         while self.max_bit >= 0 and self.low >> self.max_bit == self.high >> self.max_bit:
             bit = self.low >> self.max_bit
-            self.low, self.high = self.low - (bit << self.max_bit), self.high - (bit << self.max_bit)
+            self.low -= bit << self.max_bit
+            self.high -= bit << self.max_bit
             self.current -= bit << self.max_bit
             self.max_bit -= 1
         return mid
+
+class StreamingTransformerLayer(nn.Module):
+    """One post-norm transformer layer of the entropy-coding LM (official `encodec` modules/
+    transformer.py; keys as torch's nn.TransformerEncoderLayer): self-attention over the past
+    `past_context` inputs of this layer and the current ones, then a GELU feed-forward."""
+
+    def __init__(self, dim, heads, hidden):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, past, past_context):  # x (B, T, dim), past (B, H, dim) -> (B, T, dim)
+        T, H = x.shape[1], past.shape[1]
+        keys = torch.cat([past, x], dim=1)  # (B, H + T, dim)
+        delta = torch.arange(H, H + T)[:, None] - torch.arange(H + T)[None, :]  # query - key
+        blocked = ~((delta >= 0) & (delta <= past_context)).to(x.device)  # causal, 3.5 s back
+        a = self.self_attn(x, keys, keys, attn_mask=blocked, need_weights=False)[0]
+        x = self.norm1(x + a)
+        return self.norm2(x + self.linear2(F.gelu(self.linear1(x))))
+
+
+class EntropyLM(nn.Module):
+    """§3.3: a small transformer that predicts, for each frame, a distribution over every
+    codebook's next code from the past frames: 5 layers, 8 heads, 200 channels, feed-forward 800,
+    no dropout, a causal receptive field of 3.5 s (§3.3; the official LMModel). Inputs are the
+    previous frame's codes + 1 (0: no frame yet), one embedding table per codebook, summed; one
+    linear head per codebook. Called frame by frame with its state, as the coder uses it.
+    Keys as the official LM checkpoints (encodec_lm_24khz-1608e3c0.th)."""
+
+    def __init__(self, n_q, card, frame_rate, dim=200, heads=8, layers=5, hidden_scale=4,
+                 past_seconds=3.5, max_period=10000):
+        super().__init__()
+        self.past_context = int(past_seconds * frame_rate)  # official: int(3.5 * frame_rate)
+        self.max_period = max_period
+        self.transformer = nn.Module()  # key layout: transformer.norm_in, transformer.layers
+        self.transformer.norm_in = nn.LayerNorm(dim)
+        self.transformer.layers = nn.ModuleList(
+            StreamingTransformerLayer(dim, heads, hidden_scale * dim) for _ in range(layers))
+        self.emb = nn.ModuleList(nn.Embedding(card + 1, dim) for _ in range(n_q))
+        self.linears = nn.ModuleList(nn.Linear(dim, card) for _ in range(n_q))
+
+    def positions(self, T, offset, dim, device):  # sinusoids, cos then sin (official order)
+        pos = torch.arange(T, device=device).view(1, -1, 1) + offset  # (1, T, 1)
+        half = dim // 2
+        phase = pos / self.max_period ** (torch.arange(half, device=device) / (half - 1))
+        return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)  # (1, T, dim)
+
+    def forward(self, inputs, states=None, offset=0):
+        """inputs (B, K, T): codes + 1 of the previous frames -> probabilities (B, card, K, T),
+        the new states (each layer's last `past_context` inputs) and the new offset."""
+        x = sum(self.emb[k](inputs[:, k]) for k in range(inputs.shape[1]))  # (B, T, dim)
+        B, T, D = x.shape
+        if states is None:  # official: one zero frame of past in every layer
+            states = [x.new_zeros(B, 1, D) for _ in self.transformer.layers]
+        x = self.transformer.norm_in(x) + self.positions(T, offset, D, x.device)
+        new_states = []
+        for layer, past in zip(self.transformer.layers, states):
+            new_states.append(torch.cat([past, x], dim=1)[:, -self.past_context:])
+            x = layer(x, past, self.past_context)
+        heads = self.linears[:inputs.shape[1]]  # the official: as many as input codebooks
+        logits = torch.stack([head(x) for head in heads], dim=1)  # (B, K, T, card)
+        return logits.permute(0, 3, 1, 2).softmax(dim=1), new_states, offset + T
+
+    @classmethod
+    def from_official(cls, source, model):
+        """Meta's LM weights (encodec_lm_24khz-1608e3c0.th, encodec_lm_48khz-7add9fc3.th, or a
+        state dict) for `model`, unedited."""
+        state = source if isinstance(source, dict) else torch.load(source, map_location="cpu",
+                                                                   weights_only=True)
+        lm = cls(model.num_codebooks, model.codebook_size, model.frame_rate)
+        lm.load_state_dict(state)
+        return lm.eval()
+
+
+ECDC = struct.Struct("!4sBI")  # official .ecdc header: magic, version 0, metadata length
+OFFICIAL_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz"}  # the header's "m"
+
+
+def model_name(model):
+    """The name an .ecdc header gives the model: the official one for the released presets,
+    else one that spells out what decoding needs (the official tool refuses both kinds)."""
+    for preset, name in OFFICIAL_NAMES.items():
+        if model.cfg == PRESETS[preset][0]:
+            return name
+    return (f"{NAME}-{model.sample_rate}hz-{model.channels}ch-{model.num_codebooks}x"
+            f"{model.codebook_size}")
+
+
+def compress(model, wav, bandwidth=None, lm=None):
+    """wav (C, T) -> the bytes of an .ecdc file, as the official `encodec.compress` writes them:
+    the header (magic, version, JSON metadata), then per segment its scale (a float32, 48 kHz)
+    and its codes, frame by frame and codebook by codebook: bit-packed (log2 K bits each) or,
+    with the LM, arithmetic-coded with the LM's probabilities given the previous frames."""
+    sent = model.encode(wav[None], bandwidth=bandwidth)
+    K = sent.codes.shape[1]
+    sizes = [math.ceil(n / model.hop_length) for _, n in model.segments(wav.shape[-1])]
+    fo = io.BytesIO()
+    meta = json.dumps({"m": model_name(model), "al": wav.shape[-1], "nc": K, "lm": lm is not None})
+    fo.write(ECDC.pack(b"ECDC", 0, len(meta.encode())) + meta.encode())
+    for i, codes in enumerate(sent.codes.split(sizes, dim=-1)):  # (1, K, F_i) per segment
+        if sent.scale is not None:
+            fo.write(struct.pack("!f", sent.scale[0, i].item()))
+        if lm is None:
+            packer = BitPacker(int(math.log2(model.codebook_size)), fo)
+            for value in codes[0].t().flatten().tolist():  # frame by frame, codebook by codebook
+                packer.push(value)
+            packer.flush()
+            continue
+        coder, states, offset = ArithmeticCoder(fo), None, 0
+        previous = torch.zeros(1, K, 1, dtype=torch.long)  # 0: no frame yet
+        with torch.no_grad():
+            for t in range(codes.shape[-1]):
+                probs, states, offset = lm(previous, states, offset)  # (1, K_lm, K, 1)
+                for k, value in enumerate(codes[0, :, t].tolist()):
+                    coder.push(value, quantized_cdf(probs[0, :, k, 0]))
+                previous = 1 + codes[:, :, t:t + 1]
+        coder.flush()
+    return fo.getvalue()
+
+
+def read_exactly(fo, n, what):
+    data = fo.read(n)
+    if len(data) < n:
+        raise ValueError(f"truncated .ecdc file: it ends inside {what}")
+    return data
+
+
+def decompress(data, model, lm=None):
+    """The bytes of an .ecdc file (ours or the official tool's) -> (wav (C, T), the codes)."""
+    fo = io.BytesIO(data)
+    magic, version, size = ECDC.unpack(read_exactly(fo, ECDC.size, "the header"))
+    if magic != b"ECDC" or version != 0:
+        raise ValueError("not an .ecdc file (no ECDC magic, version 0)")
+    try:
+        meta = json.loads(read_exactly(fo, size, "the header").decode())
+        name, T, K, uses_lm = meta["m"], int(meta["al"]), int(meta["nc"]), bool(meta["lm"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt .ecdc header ({e})") from None
+    if name != model_name(model):
+        raise ValueError(f"this .ecdc file was written by model {name!r}; the model given is "
+                         f"{model_name(model)!r} ({model.sample_rate} Hz, {model.channels} ch)")
+    if uses_lm and lm is None:
+        raise ValueError("this .ecdc file was compressed with the entropy-coding LM: open it with "
+                         "the LM (--lm)")
+    codes, scales = [], []
+    for _, n in model.segments(T):
+        frames = int(math.ceil(n / model.sample_rate * model.frame_rate))  # official rule
+        if model.cfg.normalize:
+            scales.append(struct.unpack("!f", read_exactly(fo, 4, "a segment's scale"))[0])
+        segment = torch.zeros(1, K, frames, dtype=torch.long)
+        if uses_lm:
+            decoder, states, offset = ArithmeticDecoder(fo), None, 0
+            previous = torch.zeros(1, K, 1, dtype=torch.long)
+        else:
+            unpacker = BitUnpacker(int(math.log2(model.codebook_size)), fo)
+        with torch.no_grad():
+            for t in range(frames):
+                if uses_lm:
+                    probs, states, offset = lm(previous, states, offset)
+                for k in range(K):
+                    value = (decoder.pull(quantized_cdf(probs[0, :, k, 0])) if uses_lm
+                             else unpacker.pull())
+                    if value is None:
+                        raise ValueError("truncated .ecdc file: it ends inside the codes")
+                    segment[0, k, t] = value
+                previous = 1 + segment[:, :, t:t + 1]
+        codes.append(segment)
+    codes = torch.cat(codes, dim=-1)
+    scale = torch.tensor([scales]) if scales else None
+    return model.decode(codes, scale)[0, :, :T], codes
 
 # -------------------------------------------------------------------------------------------------
 # Discriminator (§3.4)
@@ -977,7 +1159,8 @@ class STFTDiscriminator(nn.Module):
         convs = [weight_norm(nn.Conv2d(2, filters, kernel, padding=((k_t - 1) // 2, pad_f)))]
         for d in dilations:  # stride 2 over frequency, dilation d over time
             convs.append(weight_norm(nn.Conv2d(filters, filters, kernel, stride=(1, 2),
-                                               dilation=(d, 1), padding=((k_t - 1) * d // 2, pad_f))))
+                                               dilation=(d, 1),
+                                               padding=((k_t - 1) * d // 2, pad_f))))
         convs.append(weight_norm(nn.Conv2d(filters, filters, (k_t, k_t), padding=(k_t - 1) // 2)))
         self.convs = nn.ModuleList(convs)
         self.conv_post = weight_norm(nn.Conv2d(filters, 1, (k_t, k_t), padding=(k_t - 1) // 2))
