@@ -117,7 +117,7 @@ class Config:
     lstm_layers: int = 2           # "a two-layer LSTM for sequence modeling" (§3.1)
     true_skip: bool = False        # official code: a 1x1 conv on the residual skip, not identity
     pad_mode: str = "reflect"      # official code: reflect padding (audiocraft: "constant")
-    compress: int = 2              # official code: residual branch at half the channels
+    residual_compress: int = 2     # official code (`compress`): residual branch at C / 2
     kernel_size: int = 7           # first and last convs: kernel 7 (§3.1)
     residual_kernel_size: int = 3  # kernel 3 (§3.1), then 1 (official code; §3.1: 3 and 3)
     num_quantizers: int = 32       # 24 kbps at 75 Hz with 10-bit codebooks (§3.2)
@@ -211,7 +211,7 @@ def check_config(cfg, run=None):
             if obj is not None and hasattr(obj, name) and getattr(obj, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(obj, name)!r}")
-    for name, low in (("codebook_size", 2), ("kmeans_iters", 1), ("compress", 1),
+    for name, low in (("codebook_size", 2), ("kmeans_iters", 1), ("residual_compress", 1),
                       ("num_quantizers", 1), ("n_filters", 1), ("dimension", 1)):
         if getattr(cfg, name) < low:
             raise ValueError(f"{name} must be at least {low}; got {getattr(cfg, name)}")
@@ -331,7 +331,7 @@ class ResnetBlock(nn.Module):
     conv in the released models, `shortcut`). Keys: block.1, block.3, shortcut."""
 
     def __init__(self, cfg, dim, dilation):
-        hidden = dim // cfg.compress
+        hidden = dim // cfg.residual_compress
         super().__init__()
         self.block = nn.Sequential(
             nn.ELU(), SConv1d(cfg, dim, hidden, cfg.residual_kernel_size, dilation=dilation),
@@ -1867,6 +1867,11 @@ def build_parser():
     act.add_argument("--decode", metavar="NPZ", help="codes .npz -> audio file")
     act.add_argument("--reconstruct", metavar="WAV", help="encode + decode; prints metrics")
     act.add_argument("--eval", action="store_true", help="metrics table over held-out files")
+    act.add_argument("--compress", metavar="WAV", help="audio file -> .ecdc file (§3.3)")
+    act.add_argument("--decompress", metavar="ECDC", help=".ecdc file (ours or the official "
+                     "tool's) -> audio file")
+    p.add_argument("--lm", metavar="TH", help="entropy-coding LM weights for --compress / "
+                   "--decompress, e.g. Meta's encodec_lm_24khz-1608e3c0.th")
     p.add_argument("--preset", choices=sorted(PRESETS), default="24khz", help="default: 24khz")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an OUT that has a run")
@@ -1943,7 +1948,31 @@ def main(argv=None):
         return
     if not args.out:
         raise ValueError("--out is required")
-    if args.encode:
+    lm = None
+    if args.lm:
+        if not Path(args.lm).is_file():
+            raise FileNotFoundError(f"{args.lm}: file not found")
+        try:
+            lm = EntropyLM.from_official(args.lm, model)
+        except Exception as e:  # noqa: BLE001 - unreadable, or another model's LM: one line
+            raise ValueError(f"{args.lm} is not an entropy-coding LM for this model "
+                             f"({type(e).__name__})") from None
+    if args.compress:
+        wav, sr = load(args.compress, model.sample_rate, model.channels, notice=True)
+        data = compress(model, wav, bw, lm)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_bytes(data)
+        kbps = 8 * len(data) / (wav.shape[-1] / sr) / 1000  # the header and scales included
+        print(f"{args.compress} -> {args.out}: {len(data)} bytes, {kbps:.2f} kbps achieved "
+              f"against {model.bitrate(n_q) / 1000:g} kbps nominal"
+              + (" (with the LM)" if lm else ""))
+    elif args.decompress:
+        if not Path(args.decompress).is_file():
+            raise FileNotFoundError(f"{args.decompress}: file not found")
+        wav, _ = decompress(Path(args.decompress).read_bytes(), model, lm)
+        save(args.out, wav, model.sample_rate)
+        print(f"{args.decompress} -> {args.out} ({wav.shape[-1] / model.sample_rate:.2f} s)")
+    elif args.encode:
         wav, sr = load(args.encode, model.sample_rate, model.channels, notice=True)
         codes, scale = model.encode(wav[None], bandwidth=bw)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,35 @@ def main():
     print("24khz, ours, seconds per second of audio:")
     for label, fn in parts.items():
         print(f"  {label:<32} {median_time(fn, args.repeats) / args.seconds:.4f}")
+    compress_speed(official, min(args.seconds, 2.0), max(1, args.repeats // 2), args.bandwidth)
+
+
+def compress_speed(official, seconds, repeats, bandwidth):
+    """.ecdc compress / decompress with the entropy-coding LM (§3.3), 24 kHz, same bytes."""
+    import importlib
+    compress_mod = importlib.import_module("official_encodec.compress")
+    model_mod = importlib.import_module("official_encodec.model")
+    ref = official_model(official, "24khz")
+    ref.name = "encodec_24khz"
+    ref.set_target_bandwidth(bandwidth)
+    torch.manual_seed(2)
+    ref_lm = model_mod.LMModel(32, 1024, num_layers=5, dim=200, past_context=int(3.5 * 75)).eval()
+    ref.get_lm_model = lambda: ref_lm
+    compress_mod.MODELS = {ref.name: lambda: ref}
+    model = ours.EnCodec.from_official(ref.state_dict())
+    lm = ours.EntropyLM.from_official(ref_lm.state_dict(), model)
+    wav = 0.1 * torch.randn(1, int(seconds * 24000))
+    data = compress_mod.compress(ref, wav, use_lm=True)
+    assert ours.compress(model, wav, bandwidth, lm) == data, "bytes differ"
+    rows = [("compress", lambda: compress_mod.compress(ref, wav, use_lm=True),
+             lambda: ours.compress(model, wav, bandwidth, lm)),
+            ("decompress", lambda: compress_mod.decompress(data), lambda: ours.decompress(data, model, lm))]
+    print(f".ecdc with the LM, 24khz, {seconds:g} s, {8 * len(data) / seconds / 1000:.2f} kbps coded "
+          f"of {bandwidth:g} nominal (random LM: no saving expected)")
+    for step, theirs, mine in rows:
+        t_ref = median_time(theirs, repeats) / seconds
+        t_ours = median_time(mine, repeats) / seconds
+        print(f"24khz    {step:<10} {t_ref:>9.4f} {t_ours:>9.4f} {t_ref / t_ours:>7.2f}", flush=True)
 
 
 def cached(fn):

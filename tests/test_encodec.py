@@ -825,3 +825,23 @@ def test_bad_ecdc_files_get_one_line_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             ours.decompress(data, who, None)
+
+
+def test_cli_compress_and_decompress(tmp_path, mini_ckpt):
+    from common.audio import save
+    save(tmp_path / "in.wav", 0.1 * torch.randn(1, 16000), 16000)
+    lm = ours.EntropyLM(MINI_CFG.num_quantizers, MINI_CFG.codebook_size, 50)
+    torch.save(lm.state_dict(), tmp_path / "lm.th")
+    for extra in ([], ["--lm", tmp_path / "lm.th"]):
+        r = cli("--compress", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out",
+                tmp_path / "x.ecdc", "--bandwidth", 0.8, *extra)
+        assert r.returncode == 0 and "kbps achieved against 0.8 kbps nominal" in r.stdout, r.stderr
+        r = cli("--decompress", tmp_path / "x.ecdc", "--ckpt", mini_ckpt, "--out",
+                tmp_path / "y.wav", *extra)
+        assert r.returncode == 0 and "1.00 s" in r.stdout, r.stderr
+    r = cli("--decompress", tmp_path / "x.ecdc", "--ckpt", mini_ckpt, "--out", tmp_path / "y.wav")
+    assert r.returncode != 0 and "compressed with the entropy-coding LM" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("--compress", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "z.ecdc",
+            "--lm", tmp_path / "in.wav")
+    assert r.returncode != 0 and "not an entropy-coding LM" in r.stderr and "Traceback" not in r.stderr
