@@ -157,6 +157,7 @@ class TrainConfig:
     grad_clip: float = 100.0       # our choice: clip G and D gradient norms at 100
     batch_size: int = 64           # 64 examples (§4.4)
     segment_seconds: float = 1.0   # of 1 second each (§4.4)
+    lm_seconds: float = 5.0        # the entropy-coding LM trains on 5 s sequences (§3.3)
     # the run
     data: str = ""                 # folder or .jsonl manifest; "": the demo corpus in data/demo
     out: str = "runs/encodec"      # checkpoints, log, samples
@@ -198,6 +199,7 @@ PRESETS = {
              TrainConfig(disc_filters=8, disc_windows=(1024, 512, 256, 128, 64), lr=1e-3,
                          lr_decay=0.999, gan_start=3000, batch_size=8, segment_seconds=0.4,
                          steps=3000, log_every=100, sample_every=1500, ckpt_every=500,
+                         lm_seconds=1.0,
                          eval_utterances=16, metrics="mel,pesq,stoi", num_workers=0)),
 }
 CHOICES = {"norm": ("weight_norm", "time_group_norm", "none"),
@@ -1041,6 +1043,9 @@ class EntropyLM(nn.Module):
         lm.load_state_dict(state)
         return lm.eval()
 
+    def save(self, path):  # the weights alone, as the official LM files: --lm reads either
+        atomic_save(self.state_dict(), path)
+
 
 ECDC = struct.Struct("!4sBI")  # official .ecdc header: magic, version 0, metadata length
 OFFICIAL_NAMES = {"24khz": "encodec_24khz", "48khz": "encodec_48khz"}  # the header's "m"
@@ -1789,6 +1794,131 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         dist.destroy_process_group()
     return history
 
+class CodeWindows(torch.utils.data.Dataset):
+    """Windows of `frames` frames (Q, frames) of precomputed codes (Q, F_i) of each file; the
+    window's start is a pure function of (seed, epoch, index), as AudioDataset's crops."""
+
+    def __init__(self, codes, frames, seed=0):
+        self.codes, self.frames, self.seed, self.epoch = codes, frames, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, index):
+        c = F.pad(self.codes[index], (0, max(0, self.frames - self.codes[index].shape[-1])))
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + index)
+        start = int(torch.randint(c.shape[-1] - self.frames + 1, (1,), generator=g))
+        return c[:, start:start + self.frames]  # (Q, frames)
+
+
+class LMTrainer:
+    """Trains the entropy-coding LM on a frozen codec's codes (§3.3): cross-entropy of each
+    frame's codes given the previous frames, all codebooks of a frame predicted at once; its
+    value in bits is the bits per code the arithmetic coder will spend. The sinusoidal positions
+    start at a random offset, "to emulate being in a longer sequence" (§3.3)."""
+
+    def __init__(self, codec, run, rank=0, world=1, device="cpu"):
+        self.run, self.rank, self.world = run, rank, world
+        self.device = torch.device(device)
+        torch.manual_seed(run.seed)
+        self.codec = codec
+        self.model = EntropyLM(codec.num_codebooks, codec.codebook_size, codec.frame_rate)
+        self.model.to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=run.lr, betas=tuple(run.betas))
+        self.G = self.model
+        if world > 1:
+            self.G = nn.parallel.DistributedDataParallel(self.model)
+        self.step_count = 0
+
+    def loss(self, codes, offset=0):  # codes (B, Q, T) -> mean cross-entropy in bits per code
+        B, Q, T = codes.shape
+        previous = torch.cat([codes.new_zeros(B, Q, 1), 1 + codes[..., :-1]], dim=-1)
+        probs = self.G(previous, None, offset)[0]  # (B, K, Q, T)
+        return F.nll_loss(probs.clamp(min=1e-12).log(), codes) / math.log(2)
+
+    def step(self, batch, diagnose=False):
+        self.model.train()
+        g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
+        offset = int(torch.randint(1000, (1,), generator=g))  # our choice: up to 1000 frames
+        bits = self.loss(batch.to(self.device), offset)
+        self.opt.zero_grad(set_to_none=True)
+        bits.backward()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        self.opt.step()
+        self.step_count += 1
+        return {"bits_per_code": bits.item(), "|G|": norm.item()}
+
+    def write_sample(self, stem):  # nothing to listen to: the codes are the codec's
+        pass
+
+    def state_dict(self):
+        return {"model": NAME + "-lm", "step": self.step_count, "lm": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "rng": [rng_state()]}
+
+    def load_state_dict(self, ckpt):
+        self.model.load_state_dict(ckpt["lm"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step_count = ckpt["step"]
+        set_rng_state(ckpt["rng"][0])
+
+
+def codes_of(codec, files, bandwidth=None):
+    """Each file's codes (Q, F) at the bandwidth (default: all codebooks)."""
+    return [codec.encode(load(f, codec.sample_rate, codec.channels)[0][None],
+                         bandwidth=bandwidth).codes[0] for f in files]
+
+
+def coded_kbps(codec, lm, files, bandwidth=None):
+    """Nominal kbps and .ecdc kbps with and without the LM (headers and scales included),
+    summed over `files`: what the entropy coder saves (§3.3, §4.5: 25-40 % in the paper)."""
+    seconds = plain = coded = 0.0
+    for f in files:
+        wav = load(f, codec.sample_rate, codec.channels)[0]
+        seconds += wav.shape[-1] / codec.sample_rate
+        plain += 8 * len(compress(codec, wav, bandwidth))
+        coded += 8 * len(compress(codec, wav, bandwidth, lm))
+    n_q = codec.n_q_for_bandwidth(bandwidth)
+    return codec.bitrate(n_q) / 1000, plain / seconds / 1000, coded / seconds / 1000
+
+
+def train_lm(codec_path, run, lm_out=None, resume=False, interrupt_after=None):
+    """Train the LM on the demo corpus's (or run.data's) codes of a trained codec, then print the
+    bits per code on held-out utterances and the bandwidth saved. Saves OUT/lm.pt (the weights,
+    loadable by --lm) and OUT/ckpt.pt."""
+    codec = EnCodec.load(codec_path)
+    out = Path(run.out)
+    trainer = LMTrainer(codec, run)
+    if resume:
+        trainer.load_state_dict(load_lm_checkpoint(out / "ckpt.pt"))
+    files = resolve_files(run.data or None, "train")
+    dataset = CodeWindows(codes_of(codec, files), int(run.lm_seconds * codec.frame_rate), run.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"entropy-coding LM: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+          f"parameters, codes of {len(files)} files from {codec_path}", flush=True)
+    history = fit(trainer, run, dataset, interrupt_after)
+    is_manifest = not run.data or run.data.endswith(".jsonl")  # a folder has no held-out split
+    if trainer.step_count >= run.steps and is_manifest:
+        held_out = [f for f, _ in eval_utterances(run.data, run.eval_utterances)]
+        lm = trainer.model.eval()
+        with torch.no_grad():
+            bits = [trainer.loss(c[None]).item() for c in codes_of(codec, held_out)]
+        nominal, plain, coded = coded_kbps(codec, lm, held_out)
+        print(f"held-out: {sum(bits) / len(bits):.3f} bits per code (of "
+              f"{math.log2(codec.codebook_size):g}); {nominal:g} kbps nominal, {plain:.3f} "
+              f"as .ecdc without the LM, {coded:.3f} with it: {100 * (1 - coded / plain):.1f} % "
+              f"saved", flush=True)
+    return history
+
+
+def load_lm_checkpoint(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("model") != NAME + "-lm":
+        raise ValueError(f"{path} is not an entropy-coding LM training checkpoint")
+    return ckpt
+
 # -------------------------------------------------------------------------------------------------
 # Inference helpers and the command line
 
@@ -1868,6 +1998,8 @@ def build_parser():
     act.add_argument("--reconstruct", metavar="WAV", help="encode + decode; prints metrics")
     act.add_argument("--eval", action="store_true", help="metrics table over held-out files")
     act.add_argument("--compress", metavar="WAV", help="audio file -> .ecdc file (§3.3)")
+    act.add_argument("--train_lm", action="store_true", help="train the entropy-coding LM on "
+                     "the codes of the codec --ckpt (§3.3); OUT/model.pt is then an --lm")
     act.add_argument("--decompress", metavar="ECDC", help=".ecdc file (ours or the official "
                      "tool's) -> audio file")
     p.add_argument("--lm", metavar="TH", help="entropy-coding LM weights for --compress / "
@@ -1929,6 +2061,14 @@ def main(argv=None):
     if args.train:
         cfg, run = configs_from_args(args)
         train(cfg, run, resume=args.resume, overwrite=args.overwrite)
+        return
+    if args.train_lm:
+        if not args.ckpt:
+            raise ValueError("--train_lm needs --ckpt: the trained codec whose codes it models")
+        _, run = PRESETS[args.preset]
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+        train_lm(args.ckpt, dataclasses.replace(run, **given), resume=args.resume)
         return
     if bool(args.ckpt) == bool(args.official):
         raise ValueError("give --ckpt (a model.pt of --train) or --official (Meta's .th weights)")

@@ -845,3 +845,34 @@ def test_cli_compress_and_decompress(tmp_path, mini_ckpt):
     r = cli("--compress", tmp_path / "in.wav", "--ckpt", mini_ckpt, "--out", tmp_path / "z.ecdc",
             "--lm", tmp_path / "in.wav")
     assert r.returncode != 0 and "not an entropy-coding LM" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_entropy_lm_training_learns_resumes_exactly_and_its_weights_code_files(tmp_path, mini_ckpt):
+    """§3.3's LM trained on a codec's codes (a random mini codec: its codes still have structure,
+    silence): bits per code fall below log2 K, the run resumes bit for bit, and OUT/model.pt is an
+    --lm for compress."""
+    from common.data import resolve_files
+    folder = tmp_path / "data"  # a few files: encoding all 281 would take most of the test
+    folder.mkdir()
+    for f in resolve_files(None, "train")[:8]:
+        (folder / f.name).symlink_to(f)
+    run = dataclasses.replace(MINI_RUN, steps=8, lr=3e-3, lm_seconds=0.4, batch_size=4,
+                              data=str(folder))
+    full = ours.train_lm(mini_ckpt, dataclasses.replace(run, out=str(tmp_path / "full")))
+    first = ours.train_lm(mini_ckpt, dataclasses.replace(run, out=str(tmp_path / "split")),
+                          interrupt_after=3)
+    rest = ours.train_lm(mini_ckpt, dataclasses.replace(run, out=str(tmp_path / "split")),
+                         resume=True)
+    assert first + rest == full
+    assert full[-1]["bits_per_code"] < full[0]["bits_per_code"] < math.log2(16) + 0.5
+    codec = ours.EnCodec.load(mini_ckpt)
+    lm = ours.EntropyLM.from_official(tmp_path / "full" / "model.pt", codec)
+    wav = load_demo_utterance(codec)
+    data = ours.compress(codec, wav, lm=lm)
+    assert torch.equal(ours.decompress(data, codec, lm)[1], codec.encode(wav[None]).codes)
+
+
+def load_demo_utterance(codec):
+    from common.audio import load
+    (f, _), = ours.eval_utterances("", 1)
+    return load(f, codec.sample_rate, codec.channels)[0]
