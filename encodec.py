@@ -1077,7 +1077,7 @@ def compress(model, wav, bandwidth=None, lm=None):
             fo.write(struct.pack("!f", sent.scale[0, i].item()))
         if lm is None:
             packer = BitPacker(int(math.log2(model.codebook_size)), fo)
-            for value in codes[0].t().flatten().tolist():  # frame by frame, codebook by codebook
+            for value in codes[0].t().flatten().tolist():  # (F_i * K,): frame by frame
                 packer.push(value)
             packer.flush()
             continue
@@ -1140,8 +1140,8 @@ def decompress(data, model, lm=None):
                     segment[0, k, t] = value
                 previous = 1 + segment[:, :, t:t + 1]
         codes.append(segment)
-    codes = torch.cat(codes, dim=-1)
-    scale = torch.tensor([scales]) if scales else None
+    codes = torch.cat(codes, dim=-1)  # (1, K, F)
+    scale = torch.tensor([scales]) if scales else None  # (1, S)
     return model.decode(codes, scale)[0, :, :T], codes
 
 # -------------------------------------------------------------------------------------------------
@@ -1614,6 +1614,7 @@ class Trainer:
         """This step's bandwidth, one for the whole batch (§3.4), and whether D is updated: the
         same on every rank (a generator
         seeded by the run's seed and the step), and the same after a resume."""
+        # 1_000_003 (a prime, our choice) keeps (seed, step) pairs on distinct seeds
         g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
         bandwidth = self.cfg.bandwidths[int(torch.randint(len(self.cfg.bandwidths), (1,),
                                                            generator=g))]
@@ -1809,6 +1810,7 @@ class CodeWindows(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         c = F.pad(self.codes[index], (0, max(0, self.frames - self.codes[index].shape[-1])))
+        # primes (our choice, as Trainer.draws) spread (seed, epoch, index) over distinct seeds
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + index)
         start = int(torch.randint(c.shape[-1] - self.frames + 1, (1,), generator=g))
         return c[:, start:start + self.frames]  # (Q, frames)
@@ -1841,7 +1843,7 @@ class LMTrainer:
 
     def step(self, batch, diagnose=False):
         self.model.train()
-        g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
+        g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)  # as draws
         offset = int(torch.randint(1000, (1,), generator=g))  # our choice: up to 1000 frames
         bits = self.loss(batch.to(self.device), offset)
         self.opt.zero_grad(set_to_none=True)

@@ -9,9 +9,7 @@ Ratio = official / ours (above 1: ours is faster). Needs `pip install --no-deps 
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,15 +20,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import encodec as ours  # noqa: E402
 from test_encodec import import_official, official_model  # noqa: E402
 
-
-def median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from codec_speed import median_time  # noqa: E402
 
 
 @torch.inference_mode()
