@@ -1787,7 +1787,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         if held_out:
             evaluate(trainer.model, held_out, bandwidth_ladder(trainer.model),
                      f"step {trainer.step_count}", metrics)
-        else:
+        elif held_out is None:  # a folder (eval_utterances 0: no table)
             print(f"note: {run.data} is a folder, which has no held-out split; evaluate on another "
                   f"folder with --eval --data DIR")
         print(f"saved {out / 'model.pt'} (inference) and {out / 'ckpt.pt'} (resume)")

@@ -1358,7 +1358,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         if held_out:
             evaluate(trainer.model, held_out, bitrate_ladder(cfg.num_quantizers),
                      f"step {trainer.step_count}", evaluation.parse_metrics(run.metrics))
-        else:
+        elif held_out is None:  # a folder (eval_utterances 0: no table)
             print(f"note: {run.data} is a folder, which has no held-out split; evaluate on another "
                   f"folder with --eval --data DIR")
         print(f"saved {out / 'model.pt'} (inference) and {out / 'ckpt.pt'} (resume)")

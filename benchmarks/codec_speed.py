@@ -35,9 +35,14 @@ def encodec_model():
     return model
 
 
+def bigcodec_model():
+    import bigcodec
+    return bigcodec.BigCodec(bigcodec.PRESETS["paper"][0])
+
+
 # One entry per codec file: a function building its paper-preset model with the shared codec interface
 # (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal).
-CODECS = {"soundstream": soundstream_model, "encodec": encodec_model}
+CODECS = {"soundstream": soundstream_model, "encodec": encodec_model, "bigcodec": bigcodec_model}
 
 
 def median_time(fn, repeats):
