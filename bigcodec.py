@@ -386,7 +386,8 @@ class ResLSTM(nn.Module):
         """At batch 1 each frame's step reads both of a layer's weight matrices (75 MB per layer
         at C = 1536) and memory bandwidth sets the pace. The input half of the gates does not
         depend on the previous frame, so it is one matrix product for all frames; only W_hh is
-        read per frame. Same outputs to float rounding (tested), ~40 % less LSTM time."""
+        read per frame. Same outputs to float rounding (tested); the time saved is measured by
+        benchmarks/bigcodec_vs_official.py."""
         lstm = self.lstm
         for l in range(lstm.num_layers):
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{l}"), getattr(lstm, f"weight_hh_l{l}")
@@ -605,11 +606,13 @@ class BigCodec(nn.Module):
         with parametrize.cached():
             return self.decoder(self.decoder.quantizer.decode(codes.long()))
 
+    # Copied from soundstream.py: SoundStream.save
     def save(self, path):
-        """Inference checkpoint: the model config and the weights."""
+        """Inference checkpoint: the model config and the weights (with the codebooks)."""
         atomic_save({"model": NAME, "config": dataclasses.asdict(self.cfg),
                      "state_dict": self.state_dict()}, path)
 
+    # Copied from soundstream.py: SoundStream.load
     @classmethod
     def load(cls, path, map_location="cpu"):
         """model.pt or a training ckpt.pt -> the model, in eval mode."""
