@@ -83,7 +83,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from common.audio import AudioError, load, save
@@ -584,9 +583,8 @@ class BigCodec(nn.Module):
             raise ValueError(f"n_q must be in 1..{self.num_codebooks}, got {n_q}")
         was_training = self.training
         self.eval()
-        with parametrize.cached():  # weight norm computed once per call, not once per use
-            x = F.pad(wav, (0, -wav.shape[-1] % self.hop_length))  # (B, 1, F*M); Q4
-            codes = self.decoder.quantizer(self.encoder(x))[1][:, :n_q]
+        x = F.pad(wav, (0, -wav.shape[-1] % self.hop_length))  # (B, 1, F*M); Q4
+        codes = self.decoder.quantizer(self.encoder(x))[1][:, :n_q]
         self.train(was_training)
         return codes
 
@@ -603,8 +601,7 @@ class BigCodec(nn.Module):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"code ids must be in [0, {self.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
-        with parametrize.cached():
-            return self.decoder(self.decoder.quantizer.decode(codes.long()))
+        return self.decoder(self.decoder.quantizer.decode(codes.long()))  # (B, 1, F*M)
 
     # Copied from soundstream.py: SoundStream.save
     def save(self, path):
