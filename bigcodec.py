@@ -170,9 +170,9 @@ PRESETS = {
     # cost at this width (benchmarks/bigcodec_vs_official.py), so the net is narrow.
     "tiny": (Config(ngf=6, latent_dim=64, dec_channels=192, codebook_size=1024),
              TrainConfig(mpd_channels=4, mpd_max_channels=64, stft_channels=4,
-                         stft_max_channels=64, lr=1e-3, warmup_steps=100, decay_steps=1200,
-                         gan_start=1200, batch_size=8, segment_seconds=0.25, steps=1200,
-                         log_every=100, sample_every=600, ckpt_every=200, eval_utterances=16,
+                         stft_max_channels=64, lr=1e-3, warmup_steps=100, decay_steps=1000,
+                         gan_start=1000, batch_size=8, segment_seconds=0.25, steps=1000,
+                         log_every=100, sample_every=500, ckpt_every=200, eval_utterances=16,
                          num_workers=0, amp="none")),
 }
 
@@ -378,29 +378,7 @@ class ResLSTM(nn.Module):
 
     def forward(self, x):  # (B, C, F) -> (B, C, F)
         y = x.transpose(1, 2)  # (B, F, C)
-        fast = not torch.is_grad_enabled() and x.device.type == "cpu" and not self.training
-        return ((self.unrolled(y) if fast else self.lstm(y)[0]) + y).transpose(1, 2)
-
-    def unrolled(self, y):  # (B, F, C) -> (B, F, C): nn.LSTM's equations, for CPU inference
-        """At batch 1 each frame's step reads both of a layer's weight matrices (75 MB per layer
-        at C = 1536) and memory bandwidth sets the pace. The input half of the gates does not
-        depend on the previous frame, so it is one matrix product for all frames; only W_hh is
-        read per frame. Same outputs to float rounding (tested); the time saved is measured by
-        benchmarks/bigcodec_vs_official.py."""
-        lstm = self.lstm
-        for l in range(lstm.num_layers):
-            w_ih, w_hh = getattr(lstm, f"weight_ih_l{l}"), getattr(lstm, f"weight_hh_l{l}")
-            b = getattr(lstm, f"bias_ih_l{l}") + getattr(lstm, f"bias_hh_l{l}")
-            gates_x = torch.matmul(y, w_ih.t()) + b  # (B, F, 4C): W_ih x_t + b for every t
-            h = c = y.new_zeros(y.shape[0], w_hh.shape[1])  # (B, C)
-            outs = []
-            for t in range(y.shape[1]):
-                i, f, g, o = torch.addmm(gates_x[:, t], h, w_hh.t()).chunk(4, 1)  # PyTorch's order
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outs.append(h)
-            y = torch.stack(outs, 1)  # (B, F, C)
-        return y
+        return (self.lstm(y)[0] + y).transpose(1, 2)
 
 
 def zero_conv_biases(module):

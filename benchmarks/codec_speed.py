@@ -40,9 +40,30 @@ def bigcodec_model():
     return bigcodec.BigCodec(bigcodec.PRESETS["paper"][0])
 
 
+class OfficialBigCodec(torch.nn.Module):
+    """The official CodecEncoder / CodecDecoder (PyPI `bigcodec` 0.0.3) behind the codec interface, with
+    inference.py's calls; codes (n_q, B, F) turned to (B, Q, F)."""
+
+    def __init__(self):
+        super().__init__()
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from test_bigcodec import import_official
+        official = import_official()
+        self.enc, self.dec = official.CodecEncoder(), official.CodecDecoder()
+        self.sample_rate, self.channels, self.codebook_size = 16000, 1, 8192
+
+    def encode(self, wav):
+        return self.dec(self.enc(wav), vq=True)[1].permute(1, 0, 2)  # (B, Q, F)
+
+    def decode(self, codes):
+        return self.dec(self.dec.vq2emb(codes.permute(0, 2, 1)).transpose(1, 2), vq=False)
+
+
 # One entry per codec file: a function building its paper-preset model with the shared codec interface
-# (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal).
-CODECS = {"soundstream": soundstream_model, "encodec": encodec_model, "bigcodec": bigcodec_model}
+# (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal); "-official" rows are the
+# authors' code for comparison in the same run (benchmarks/*_vs_official.py compare on identical weights).
+CODECS = {"soundstream": soundstream_model, "encodec": encodec_model, "bigcodec": bigcodec_model,
+          "bigcodec-official": OfficialBigCodec}  # the official modules, beside ours (needs the PyPI package)
 
 
 def median_time(fn, repeats):
