@@ -161,7 +161,7 @@ CHOICES = {"amp": ("none", "bf16", "fp16")}
 
 PRESETS = {
     "paper": (Config(), TrainConfig()),
-    # CPU demo on the 16 kHz demo corpus, ~8 min on 2 idle cores (README). Our choices: ngf 6
+    # CPU demo on the 16 kHz demo corpus, 9 min on 2 idle cores (README). Our choices: ngf 6
     # (channels 6 -> 192), D = 64, K = 1024 (10 bits: 0.8 kbps; 8192 entries would see ~40
     # frames per step between them), 0.25 s crops, a short warm-up to a 10x higher peak lr, and
     # the reconstruction terms alone (gan_start = steps; DEVIATION 2): a GAN step costs more than a
@@ -1385,7 +1385,7 @@ def default_preset():
     CPU demo. Returns (name, why)."""
     if torch.cuda.is_available():
         return "paper", "a GPU is available"
-    return "tiny", "no GPU here: the CPU demo, about 8 minutes; --preset paper for the released size"
+    return "tiny", "no GPU here: the CPU demo, about 9 minutes; --preset paper for the released size"
 
 
 def build_parser():
