@@ -332,6 +332,25 @@ def test_discriminator_shapes_follow_the_official_configuration():
     assert sum(p.numel() for p in disc.parameters()) > 0
 
 
+def test_discriminator_inputs_the_fold_and_the_magnitude():
+    """MPD reflect-pads to a multiple of p and folds to (T/p, p); the STFT discriminator sees
+    sqrt(clamp(|X|^2, 1e-7, 1e3)) of a Hann STFT with hop n/4, frequency first."""
+    seen = []
+    mpd = ours.PeriodDiscriminator(3, channels=2, max_channels=4)
+    mpd.convs[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    mpd(torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0]]]))
+    assert torch.equal(seen[0], torch.tensor([[[[1.0, 2.0, 3.0], [4.0, 5.0, 4.0]]]]))  # 5 -> 6: reflect
+    spec = ours.SpecDiscriminator((128,), channels=2, max_channels=4)
+    spec.discs[0].convs[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.randn(1, 1, 1000, generator=torch.Generator().manual_seed(0))
+    x[..., 500:] = 0  # silence: the 1e-7 floor
+    spec(x)
+    X = torch.stft(x[:, 0], 128, 32, window=torch.hann_window(128), return_complex=True)
+    expected = (X.real ** 2 + X.imag ** 2).clamp(1e-7, 1e3).sqrt()[:, None]  # (1, 1, 65, 32)
+    assert seen[1].shape == (1, 1, 65, 32) and torch.allclose(seen[1], expected)
+    assert math.isclose(seen[1].min().item(), math.sqrt(1e-7), rel_tol=1e-5)  # the floor, in silence
+
+
 def test_least_squares_and_feature_losses_by_hand():
     real = [[torch.ones(1, 2), torch.tensor([[2.0, 0.0]])], [torch.zeros(1, 1), torch.tensor([[1.0]])]]
     fake = [[torch.zeros(1, 2), torch.tensor([[0.5, 1.0]])], [torch.ones(1, 1), torch.tensor([[-1.0]])]]
