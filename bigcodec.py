@@ -105,7 +105,8 @@ class Config:
     dilations: tuple[int, ...] = (1, 3, 9)  # the residual units of each block (§II-A; dilations)
     lstm_layers: int = 2           # two-layer unidirectional residual LSTM (§II-A); 0: none
     latent_dim: int = 1024         # D: encoder output, decoder input (out_channels, vq_dim)
-    dec_channels: int = 1536       # decoder's first channels, halved per block (upsample_initial_channel)
+    dec_channels: int = 1536       # decoder's first channels, halved per block
+                                   # (upsample_initial_channel)
     num_quantizers: int = 1        # a single codebook (§II-A); vq_num_quantizers
     codebook_size: int = 8192      # K = 8192: 13 bits x 80 Hz = 1.04 kbps (§II-A)
     codebook_dim: int = 8          # d: the low-dimensional lookup space (§II-A; codebook_dim)
@@ -153,7 +154,7 @@ class TrainConfig:
     metrics: str = "mel,pesq,stoi,mcd"  # the paper's offline metrics (common/evaluation.py)
     num_workers: int = 4           # DataLoader worker processes (official: 8)
     threads: int = 0               # CPU threads; 0: the idle cores (busy cores stall torch)
-    amp: str = "fp16"              # fp16 mixed precision on CUDA (trainer.precision 16-mixed); CPU: off
+    amp: str = "fp16"              # fp16 autocast on CUDA (trainer.precision 16-mixed); CPU: off
     compile: bool = False          # torch.compile the generator (CUDA)
 
 
@@ -184,7 +185,8 @@ def check_config(cfg, run=None):
     if cfg.codebook_size < 2 or cfg.num_quantizers < 1 or cfg.codebook_dim < 1:
         raise ValueError("codebook_size must be >= 2, num_quantizers and codebook_dim >= 1")
     if cfg.dec_channels % 2 ** len(cfg.strides):
-        raise ValueError(f"dec_channels {cfg.dec_channels} must be divisible by 2^{len(cfg.strides)}"
+        raise ValueError(f"dec_channels {cfg.dec_channels} must be divisible by "
+                         f"2^{len(cfg.strides)}"
                          f" (each decoder block halves it)")
     if run is not None:
         for name, allowed in CHOICES.items():
@@ -256,7 +258,9 @@ class UpSample1d(nn.Module):
         super().__init__()
         self.ratio, self.taps = ratio, taps
         self.pad = taps // ratio - 1  # input samples of context on each side
-        self.trim = (self.pad * ratio + (taps - ratio) // 2, self.pad * ratio + (taps - ratio + 1) // 2)
+        self.trim = (self.pad * ratio + (taps - ratio) // 2,  # output samples to drop, left
+                     self.pad * ratio + (taps - ratio + 1) // 2)  # and right
+        # cutoff at the old Nyquist, transition half-width 0.6 / ratio (alias_free_torch, BigVGAN)
         self.register_buffer("filter", kaiser_sinc(0.5 / ratio, 0.6 / ratio, taps).view(1, 1, taps))
 
     def forward(self, x):  # (B, C, L) -> (B, C, ratio * L)
@@ -275,7 +279,7 @@ class UpSample1d(nn.Module):
 class DownSample1d(nn.Module):
     def __init__(self, ratio=2, taps=12):
         super().__init__()
-        self.lowpass = LowPassFilter1d(0.5 / ratio, 0.6 / ratio, ratio, taps)
+        self.lowpass = LowPassFilter1d(0.5 / ratio, 0.6 / ratio, ratio, taps)  # as UpSample1d
 
     def forward(self, x):  # (B, C, 2L) -> (B, C, L)
         return self.lowpass(x)
@@ -454,8 +458,9 @@ class ResidualVQ(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleList(FactorizedVQ(cfg.latent_dim, cfg.codebook_size,
-                                                 cfg.codebook_dim) for _ in range(cfg.num_quantizers))
+        self.layers = nn.ModuleList(
+            FactorizedVQ(cfg.latent_dim, cfg.codebook_size, cfg.codebook_dim)
+            for _ in range(cfg.num_quantizers))
 
     def forward(self, z):  # z (B, D, F) -> z_q (B, D, F), codes (B, Q, F), losses {scalar}
         residual = z.transpose(1, 2)  # (B, F, D)
@@ -627,7 +632,8 @@ class BigCodec(nn.Module):
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-            raise ValueError(f"the official weights do not fit this file's BigCodec: {first}") from None
+            raise ValueError(f"the official weights do not fit this file's BigCodec: "
+                             f"{first}") from None
         return model.eval()
 
 
@@ -648,8 +654,10 @@ def config_from_official(state):
     blocks = range(1, n)
     n_units = sum(1 for k in state if k.startswith("encoder.block.1.block.")
                   and k.endswith(".block.0.act.alpha"))
-    strides = tuple(_weight(state, f"encoder.block.{i}.block.{n_units + 1}")[-1] // 2 for i in blocks)
-    lstm_layers = sum(1 for k in state if re.fullmatch(rf"encoder\.block\.{n}\.lstm\.weight_ih_l\d+", k))
+    strides = tuple(_weight(state, f"encoder.block.{i}.block.{n_units + 1}")[-1] // 2  # kernel 2s
+                    for i in blocks)
+    lstm_key = rf"encoder\.block\.{n}\.lstm\.weight_ih_l\d+"
+    lstm_layers = sum(1 for k in state if re.fullmatch(lstm_key, k))
     last = n + 1 + (lstm_layers > 0)  # the last conv's index: [LSTM,] act, conv
     codebook = state["decoder.quantizer.layers.0._codebook.weight"].shape
     return Config(ngf=_weight(state, "encoder.block.0")[0], strides=strides,
@@ -736,8 +744,9 @@ class SpecDiscriminator(nn.Module):
         outs = []
         for n, disc in zip(self.ffts, self.discs):
             with torch.autocast(x.device.type, enabled=False):
-                spec = torch.stft(x, n, n // 4, window=getattr(self, f"win{n}"), return_complex=True)
-                mag = (spec.real.pow(2) + spec.imag.pow(2)).clamp(1e-7, 1e3).sqrt()  # (B, n/2+1, fr)
+                spec = torch.stft(x, n, n // 4, window=getattr(self, f"win{n}"),
+                                  return_complex=True)  # (B, n/2+1, frames)
+                mag = (spec.real.pow(2) + spec.imag.pow(2)).clamp(1e-7, 1e3).sqrt()
             outs.append(disc(mag[:, None]))  # (B, 1, n/2+1, frames)
         return outs
 
@@ -761,8 +770,8 @@ class Discriminators(nn.Module):
 def discriminator_loss(real, fake):
     """Least squares (LSGAN, Mao et al. 2017): sum over the discriminators of
     mean((D(x) - 1)^2) + mean(D(G(x))^2); only the last output (the logits) of each."""
-    return sum(F.mse_loss(r[-1], torch.ones_like(r[-1])) + F.mse_loss(f[-1], torch.zeros_like(f[-1]))
-               for r, f in zip(real, fake))
+    return sum(F.mse_loss(r[-1], torch.ones_like(r[-1]))
+               + F.mse_loss(f[-1], torch.zeros_like(f[-1])) for r, f in zip(real, fake))
 
 
 def adversarial_loss(fake):
@@ -773,7 +782,8 @@ def adversarial_loss(fake):
 def feature_loss(real, fake):
     """L1 feature matching (HiFi-GAN): mean |D_l(x) - D_l(G(x))| summed over every layer but the
     logits and over the discriminators (real features carry no gradient)."""
-    return sum(F.l1_loss(ff, fr.detach()) for r, f in zip(real, fake) for fr, ff in zip(r[:-1], f[:-1]))
+    return sum(F.l1_loss(ff, fr.detach())
+               for r, f in zip(real, fake) for fr, ff in zip(r[:-1], f[:-1]))
 
 
 class MelLoss(nn.Module):
@@ -791,8 +801,8 @@ class MelLoss(nn.Module):
             x, x_hat = x.squeeze(1).float(), x_hat.squeeze(1).float()  # (B, T)
             loss = 0.0
             for w, n in self.scales:
-                S_x, S_y = (mel_spectrogram(v, self.sample_rate, w, w // 4, n).clamp(min=1e-5).log10()
-                            for v in (x, x_hat))  # (B, n, frames) each
+                S_x, S_y = (mel_spectrogram(v, self.sample_rate, w, w // 4, n)
+                            .clamp(min=1e-5).log10() for v in (x, x_hat))  # (B, n, frames) each
                 loss = loss + (S_x - S_y).abs().mean()
         return loss
 
@@ -1241,9 +1251,10 @@ class Trainer:
 
 
 def codebook_usage(model, utterances):
-    """Entries used on the utterances, of K, and the entropy bitrate (§III-B, "approx. bitrate")."""
-    codes = [model.encode(load(f, model.sample_rate, 1)[0][None].to(next(model.parameters()).device))
-             .cpu() for f, _ in utterances]
+    """Entries used on the utterances (of K) and the entropy bitrate (§III-B: approx. bitrate)."""
+    device = next(model.parameters()).device
+    codes = [model.encode(load(f, model.sample_rate, 1)[0][None].to(device)).cpu()  # (1, Q, F)
+             for f, _ in utterances]
     s = codebook_stats(codes, model.codebook_size, model.frame_rate)
     used = round(s["usage"][0] * model.codebook_size)
     print(f"codebook usage: {used} of {model.codebook_size} entries ({100 * s['usage'][0]:.1f} %) "
@@ -1385,7 +1396,8 @@ def default_preset():
     CPU demo. Returns (name, why)."""
     if torch.cuda.is_available():
         return "paper", "a GPU is available"
-    return "tiny", "no GPU here: the CPU demo, about 9 minutes; --preset paper for the released size"
+    return "tiny", ("no GPU here: the CPU demo, about 9 minutes; --preset paper for the "
+                    "released size")
 
 
 def build_parser():
@@ -1468,7 +1480,8 @@ def main(argv=None):
     if args.official and args.ckpt:
         raise ValueError("give --ckpt or --official, not both")
     if not (args.ckpt or args.official):
-        raise ValueError("--ckpt (e.g. runs/bigcodec/model.pt) or --official bigcodec.pt is required")
+        raise ValueError("--ckpt (e.g. runs/bigcodec/model.pt) or --official bigcodec.pt "
+                         "is required")
     model = BigCodec.from_official(args.official) if args.official else BigCodec.load(args.ckpt)
     source = args.official or args.ckpt
     metrics = evaluation.check_available(evaluation.parse_metrics(args.metrics or
