@@ -46,6 +46,8 @@ Labelled quirks of the released code, kept because the weights need them (or har
       steps Adam, whose momentum keeps moving D. Here D's step is skipped (the paper's words).
   Q7. With audio_normalize, decoding needs the input's RMS (`scale`); FunCodec's own
       inference_decoding drops it and returns unit-RMS audio. decode() takes it when given.
+  Q8. FunCodec's output is shorter than its input by T mod 160 samples (FreqCodec.pad); here the
+      input is first padded with zeros to a multiple of 160, so that no sample is lost.
 
 DEVIATIONS from the official code (tagged `# DEVIATION` where they happen)
   1. The RVQ is encodec.py's (a marked copy): the residual keeps its gradient path and a reset
@@ -208,16 +210,18 @@ PRESETS = {
     # unknown (module docstring)
     "gr8": (Config(conv_group_ratio=8, tr_conv_group_ratio=8), TrainConfig()),
     "gr1": (Config(conv_group_ratio=1, tr_conv_group_ratio=1), TrainConfig()),
-    # CPU demo on the 16 kHz demo corpus, ~10 min on 2 idle cores (README). Our choices: 8 filters
+    # CPU demo on the 16 kHz demo corpus, ~9 min on 2 idle cores (README). Our choices: 8 filters
     # (8 -> 128 channels), D = 64, one LSTM layer, 8 x 32 codebooks (a batch has 208 frames: with
     # K = 256 most entries fell below the reset threshold of 2 every step) with dropout over 1, 2,
-    # 4, 8 (0.25 ... 2 kbps), short crops, a higher lr, reconstruction terms only (DEVIATION 4);
-    # the discriminators and GAN terms run in the tests
+    # 4, 8 (0.25 ... 2 kbps), short crops, a higher lr, the spectral loss's windows 2^7..2^10 (the
+    # 32 and 64 windows, hops 8 and 16 at n_fft 1024, took 3/4 of a step's time), reconstruction
+    # terms only (DEVIATION 4); the discriminators and GAN terms run in the tests
     "tiny": (Config(n_filters=8, dimension=64, lstm_layers=1, num_quantizers=8, codebook_size=32,
                     dropout_choices=(1, 2, 4, 8), kmeans_iters=10),
-             TrainConfig(mstft_filters=8, mpd_channels=4, msd_channels=4, lr=2e-3, gan_start=1200,
-                         batch_size=8, segment_seconds=0.5, steps=1200, log_every=100,
-                         sample_every=600, ckpt_every=300, semantic_fit_files=100,
+             TrainConfig(mstft_filters=8, mpd_channels=4, msd_channels=4, lr=2e-3,
+                         spectral_powers=(7, 8, 9, 10), gan_start=2000, batch_size=8,
+                         segment_seconds=0.5, steps=2000, log_every=100, sample_every=1000,
+                         ckpt_every=500, semantic_fit_files=100,
                          eval_utterances=16, metrics="mel,pesq,stoi", num_workers=0)),
 }
 
@@ -258,6 +262,9 @@ def check_config(cfg, run=None):
         if not run.discriminators or set(run.discriminators) - set(DISCRIMINATORS):
             raise ValueError(f"discriminators must be some of {', '.join(DISCRIMINATORS)}; got "
                              f"{', '.join(run.discriminators) or 'none'}")
+        if run.msd_channels < 4 or run.msd_channels % 4:
+            raise ValueError(f"msd_channels must be a multiple of 4 (MelGAN's groups of 4); got "
+                             f"{run.msd_channels}")
         if run.batch_size < 1 or len(run.betas) != 2:
             raise ValueError(f"batch_size must be at least 1 and betas a pair (A,B); got "
                              f"{run.batch_size}, {run.betas}")
@@ -697,6 +704,8 @@ class MFCCUnits(nn.Module):
         """k-means (Lloyd, seeded random rows as the start) over the frames of `wavs`, a list of
         (1, T) tensors. Returns the share of clusters used."""
         self.fitted.zero_()
+        self.mean.zero_()
+        self.std.fill_(1)
         frames = torch.cat([self.features(w[None].to(self.mel.device))[0] for w in wavs])
         self.mean.copy_(self.mean + self.std * frames.mean(0))  # features() used mean 0, std 1
         self.std.copy_(self.std * frames.std(0).clamp(min=1e-5))
@@ -834,6 +843,12 @@ class FreqCodec(nn.Module):
             raise ValueError(f"semantic token ids must be in [0, {self.cfg.semantic_vocab}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
+    def pad(self, wav):
+        """Q8: zeros up to a multiple of the STFT hop (160). FunCodec codes the unpadded input,
+        and its output then lacks the last T mod 160 samples (the inverse STFT of 1 + T // 160
+        frames is 160 * (T // 160) long); for T a multiple of 160 both are the same."""
+        return F.pad(wav, (0, -wav.shape[-1] % self.cfg.hop))
+
     def normalize(self, x):  # (B, 1, T) -> x / scale, scale (B, 1): the RMS (audio_normalize)
         if not self.cfg.normalize:
             return x, None
@@ -875,8 +890,9 @@ class FreqCodec(nn.Module):
         """Training pass: wav (B, 1, T) -> x_hat (B, 1, T), codes (B, n_q, F), and a dict with
         the commitment term, ||V - RVQ(V)||^2 (Q5) and the latent's RMS (a diagnostic)."""
         self.check_wav(wav)
-        tokens = self.tokens_for(wav, semantic)
-        x, scale = self.normalize(wav)
+        padded = self.pad(wav)
+        tokens = self.tokens_for(padded, semantic)
+        x, scale = self.normalize(padded)
         z = self.encoder(self.analysis(x))  # V_a (B, D, F)
         v_s = self.semantic(tokens, z.shape[-1]) if tokens is not None else None
         q_in = self.semantic.quantizer_input(z, v_s) if v_s is not None else z
@@ -891,12 +907,13 @@ class FreqCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, wav, n_q=None, sample_rate=None, semantic=None):
-        """wav (B, 1, T) -> Encoded(codes (B, n_q, 1 + T // 320), scale, semantic); n_q: the
-        first codebooks (default: all)."""
+        """wav (B, 1, T) -> Encoded(codes (B, n_q, F), scale, semantic), F = ceil((1 + T' / 160)
+        / 2) with T' = T rounded up to a multiple of 160 (Q8); n_q: the first codebooks."""
         self.check_wav(wav, sample_rate)
         n_q = self.num_codebooks if n_q is None else n_q
         if not 1 <= n_q <= self.num_codebooks:
             raise ValueError(f"n_q must be in 1..{self.num_codebooks}, got {n_q}")
+        wav = self.pad(wav)
         tokens = self.tokens_for(wav, semantic)
         x, scale = self.normalize(wav)
         z = self.encoder(self.analysis(x))
@@ -1205,7 +1222,8 @@ class Discriminators(nn.Module):
         """The `discriminator.*` keys of a FunCodec state dict (the recipe's MS-STFT), strictly;
         weight norm's weight_g / weight_v load into the parametrization (torch's own hook)."""
         sub = {k.removeprefix("module.")[len("discriminator."):]: v for k, v in state.items()
-               if k.removeprefix("module.").startswith("discriminator.")}
+               if k.removeprefix("module.").startswith("discriminator.")
+               and not k.endswith("spec_transform.window")}  # torchaudio's Hann window buffers
         self.load_state_dict(sub, strict=True)
         return self
 

@@ -59,11 +59,41 @@ class OfficialBigCodec(torch.nn.Module):
         return self.dec(self.dec.vq2emb(codes.permute(0, 2, 1)).transpose(1, 2), vq=False)
 
 
+def freqcodec_model():
+    import freqcodec
+    model = freqcodec.FreqCodec(freqcodec.PRESETS["paper"][0])
+    for vq in model.quantizer.layers:  # random entries (untrained codebooks start at zero)
+        vq.embed.normal_()
+        vq.inited.fill_(1)
+    return model
+
+
+class OfficialFreqCodec(torch.nn.Module):
+    """FunCodec's FreqCodec (PyPI `funcodec` 0.2.0, the recipe's configuration) behind the codec interface, with
+    the calls of reference/codecs.md §8; codes (Q, B, F) turned to (B, Q, F)."""
+
+    def __init__(self):
+        super().__init__()
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from test_freqcodec import build_official, import_official
+        self.m = build_official(import_official())
+        self.sample_rate, self.channels, self.codebook_size = 16000, 1, 1024
+
+    def encode(self, wav):
+        emb, scale = self.m._encode(wav)[0]
+        return self.m.quantizer.encode(emb).permute(1, 0, 2), scale
+
+    def decode(self, sent):
+        codes, scale = sent
+        return self.m._decode([(self.m.quantizer.decode(codes.permute(1, 0, 2)).transpose(1, 2), scale)])
+
+
 # One entry per codec file: a function building its paper-preset model with the shared codec interface
 # (sample_rate, hop_length, encode, decode; `streaming()` where the model is causal); "-official" rows are the
 # authors' code for comparison in the same run (benchmarks/*_vs_official.py compare on identical weights).
 CODECS = {"soundstream": soundstream_model, "encodec": encodec_model, "bigcodec": bigcodec_model,
-          "bigcodec-official": OfficialBigCodec}  # the official modules, beside ours (needs the PyPI package)
+          "bigcodec-official": OfficialBigCodec,  # the official modules, beside ours (needs the PyPI package)
+          "freqcodec": freqcodec_model, "freqcodec-official": OfficialFreqCodec}
 
 
 def median_time(fn, repeats):
@@ -82,7 +112,7 @@ def bench(name, build, seconds, repeats):
     model = build().eval()
     wav = 0.1 * torch.randn(1, model.channels, int(seconds * model.sample_rate))  # (1, C, T)
     sent = model.encode(wav)  # codes (1, Q, F), or with side information (EnCodec: codes, scale)
-    codes = getattr(sent, "codes", sent)
+    codes = getattr(sent, "codes", sent[0] if isinstance(sent, tuple) else sent)
     enc = median_time(lambda: model.encode(wav), repeats) / seconds
     dec = median_time(lambda: model.decode(sent), repeats) / seconds
     row = {"codec": name, "sr": model.sample_rate, "params": sum(p.numel() for p in model.parameters()),
