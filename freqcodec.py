@@ -10,22 +10,26 @@ egs/LibriTTS/codec/conf/freqcodec_mag_phase_16k_n32_600k_step.yaml (our `paper` 
 file equals `funcodec` 0.2.0 on identical weights: the official state dict loads strictly, codes
 are identical and the audio matches to float rounding (tests/test_freqcodec.py).
 
-Paper -> code
-  §3.1 domain transformation, Eq. (1) .... FreqCodec.analysis (STFT 512 / 160, log|X|, X/|X|
+Paper -> code. Sections by title (the reading notes, shared/paper-notes/001, do not number
+them): [arch] model architecture, [rvq] semantic-augmented RVQ, [adv] adversarial training with
+multiple discriminators, [setup] experimental setup. Marked copies keep their origin's comments,
+whose section and DEVIATION numbers are that file's.
+  [arch] domain transformation X_mag,pha . FreqCodec.analysis (STFT 512 / 160, log|X|, X/|X|
                                             or angle), FreqCodec.synthesis (inverse STFT)
-  §3.1 encoder / decoder, Table 1 ........ SConv2d, SConvTranspose2d, ResnetBlock2d, SLSTM,
+  [arch] encoder table, decoder mirrored . SConv2d, SConvTranspose2d, ResnetBlock2d, SLSTM,
                                             Encoder, Decoder; grouped convs ("gr"): groups()
-  §3.2 RVQ, k-means, EMA, code reset ..... Codebook, ResidualVectorQuantizer (copies of
+  [rvq] RVQ, k-means, EMA, code reset .... Codebook, ResidualVectorQuantizer (copies of
                                             encodec.py), Trainer.draws (quantizer dropout)
-  §3.2 semantic augmentation, Eq. (3) .... Semantic (f_cat, f_add, f_res), MFCCUnits (the
-                                            offline stand-in for phoneme labels / HuBERT units)
-  §3.3 discriminators MSD, MPD, MS-STFT .. WaveDiscriminator, PeriodDiscriminator,
+  [rvq] f_cat, f_add, f_res .............. Semantic, MFCCUnits (the offline stand-in for
+                                            phoneme labels / HuBERT units)
+  [adv] discriminators MSD, MPD, MS-STFT . WaveDiscriminator, PeriodDiscriminator,
                                             STFTDiscriminator, Discriminators (any combination)
-  §3.3 losses, Eqs. (4)-(7) .............. MultiSpectralLoss (Eq. 4), adversarial_loss (Eq. 5),
-                                            feature_loss (Eq. 6), RVQ commitment (Eq. 7),
+  [adv] L_f, L_adv, L_feat, L_cm ......... MultiSpectralLoss (L_f), adversarial_loss,
+                                            feature_loss, the RVQ's commitment (L_cm),
                                             Trainer.step (the weights 1, 1, 1/9, 100/9, 1)
-  §4 "D only when its loss exceeds G's" .. Trainer.step (update_d)
-  §4 ViSQOL, token rate .................. evaluate (common/evaluation.py: --metrics visqol)
+  [setup] "D only when its loss exceeds
+          the codec's" ................... update_discriminator, Trainer.step
+  [setup] ViSQOL, token rate ............. evaluate (common/evaluation.py: --metrics visqol)
 
 Shapes: B batch, T samples (mono: (B, 1, T)), N = n_fft / 2 + 1 = 257 frequency bins, L STFT
 frames (100 Hz: 1 + T // 160), F codec frames (50 Hz), D latent dim (128), Q codebooks in use,
@@ -40,7 +44,7 @@ Labelled quirks of the released code, kept because the weights need them (or har
       inverse STFT sees is softplus(ch0) * |ch1 + i ch2|.
   Q4. The multi-spectral loss uses windows 2^5..2^10 (six; the paper writes 5..11), a fixed
       n_fft of 1024 for all of them, and log10 of power (not magnitude) spectra.
-  Q5. The ||V - RVQ(V)|| term of Eq. (7) (`enc_quant_loss`, the squared MSE) has no gradient:
+  Q5. The ||V - RVQ(V)|| term of L_cm (`enc_quant_loss`, the squared MSE) has no gradient:
       the straight-through output is V plus a constant. It is computed and logged, as there.
   Q6. FunCodec multiplies the discriminator's loss by 0 when the rule says "no update" and still
       steps Adam, whose momentum keeps moving D. Here D's step is skipped (the paper's words).
@@ -52,14 +56,14 @@ Labelled quirks of the released code, kept because the weights need them (or har
 DEVIATIONS from the official code (tagged `# DEVIATION` where they happen)
   1. The RVQ is encodec.py's (a marked copy): the residual keeps its gradient path and a reset
      dead code stays reset (encodec.py DEVIATIONS 1 and 2). Inference is unchanged.
-  2. The commitment term is averaged over the codebooks in use (Eq. 7's 1/N); FunCodec averages
+  2. The commitment term is averaged over the codebooks in use (L_cm's 1/N); FunCodec averages
      over all 32, counting the dropped ones as zeros, so its weight falls to 1/32 at n_q = 1.
   3. The discriminator judges the generator's output of the same step; FunCodec runs the codec a
      second time after the generator's update (one forward of the codec less per step here).
   4. The tiny CPU preset trains the reconstruction terms alone (gan_start = steps), as the other
      tiny presets; the discriminators, the rule and the GAN terms run in the tests.
 
-Semantic augmentation (§3.2): f_cat(V_a, V_s) = Concat(RVQ(V_a), V_s), f_add = RVQ(V_a) + V_s,
+Semantic augmentation [rvq]: f_cat(V_a, V_s) = Concat(RVQ(V_a), V_s), f_add = RVQ(V_a) + V_s,
 f_res = RVQ(V_a - V_s) + V_s. V_s is an embedding of frame-aligned semantic tokens, down-sampled
 to the codec's frame rate as codec_semantic_aug.py does. The paper uses phoneme labels or HuBERT
 units, which need a download or an aligner; offline, MFCCUnits gives k-means clusters of 39-d
@@ -123,15 +127,15 @@ NAME = "freqcodec"  # the model name in checkpoints and codes files; the generic
 @dataclass
 class Config:
     """What rebuilds the model. Defaults: freqcodec_mag_phase_16k_n32_600k_step.yaml."""
-    sample_rate: int = 16000       # 16 kHz LibriTTS (§4; target_sample_hz)
-    domain: str = "mag_phase"      # Eq. (1): log|X|, X_r/|X|, X_i/|X|; or mag_angle (codec_domain)
-    n_fft: int = 512               # STFT window 512 (§4; domain_conf n_fft)
-    hop: int = 160                 # and hop 160: 100 frames/s (§4; domain_conf hop_length)
+    sample_rate: int = 16000       # 16 kHz LibriTTS ([setup]; target_sample_hz)
+    domain: str = "mag_phase"      # [arch]: log|X|, X_r/|X|, X_i/|X|; or mag_angle (codec_domain)
+    n_fft: int = 512               # STFT window 512 ([setup]; domain_conf n_fft)
+    hop: int = 160                 # and hop 160: 100 frames/s ([setup]; domain_conf hop_length)
     normalize: bool = True         # divide the input by its RMS, keep the scale (audio_normalize)
-    n_filters: int = 32            # channels after the first conv, doubled by each stage (Table 1)
+    n_filters: int = 32            # channels after the first conv, doubled by each stage ([arch])
     ratios: tuple[int, ...] = (4, 1, 4, 1, 4, 2, 4, 1)  # decoder (freq, time) strides, in pairs;
                                    # the encoder runs them reversed: 257 bins -> 1, time / 2
-    dimension: int = 128           # D: the encoder's output (§3.2; odim, quantizer input_size)
+    dimension: int = 128           # D: the encoder's output (odim, quantizer input_size)
     lstm_layers: int = 2           # two-layer LSTM with a skip (seq_layer_num, res_seq)
     kernel_size: int = 7           # first and last convs (kernel_size, last_kernel_size)
     residual_kernel_size: int = 3  # the residual unit's 3x3 conv, then 1x1 (residual_kernel_size)
@@ -142,13 +146,13 @@ class Config:
     causal: bool = False           # (causal); the 2-D codec is not streamable
     conv_group_ratio: int = -1     # "gr" models: groups = min(in, out) // 2 // ratio; -1: dense
     tr_conv_group_ratio: int = -1  # the same for the decoder's transposed convs
-    num_quantizers: int = 32       # 32 codebooks: 0.5 ... 16 kbps (§3.2; num_quantizers)
+    num_quantizers: int = 32       # 32 codebooks: 0.5 ... 16 kbps (num_quantizers)
     codebook_size: int = 1024      # K = 1024: 10 bits x 50 Hz = 0.5 kbps each (codebook_size)
     dropout_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # structured dropout (rand_num_quant)
     ema_decay: float = 0.99        # EMA of the codebooks (ema_decay)
     kmeans_iters: int = 50         # k-means on the first batch (ddp_core_vq.py kmeans_iters)
-    dead_code_threshold: float = 2.0  # codes used fewer than twice are reset (§3.2; threshold 2)
-    semantic: str = "none"         # Eq. (3): none, cat, add or res (ppg_usage_mod)
+    dead_code_threshold: float = 2.0  # codes used fewer than twice are reset ([rvq])
+    semantic: str = "none"         # [rvq]: none, cat, add or res (ppg_usage_mod)
     semantic_vocab: int = 100      # semantic token ids (ppg_dim; HuBERT iteration 1: 100 MFCC
                                    # clusters)
     semantic_stride: int = 2       # token frames per codec frame (ppg_ds_rate: 100 Hz -> 50 Hz)
@@ -157,14 +161,14 @@ class Config:
 @dataclass
 class TrainConfig:
     """How the model is trained: discriminators, losses, optimizer, data and the run itself."""
-    # discriminators (§3.3): any combination of msd, mpd, mstft; the recipe uses mstft only
+    # discriminators [adv]: any combination of msd, mpd, mstft; the recipe uses mstft only
     discriminators: tuple[str, ...] = ("mstft",)  # (discriminator_conf disc_conf_list)
     mstft_filters: int = 32        # (filters: 32)
     mstft_ffts: tuple[int, ...] = (1024, 2048, 512)  # hop n/4 (encodec_disc.py defaults)
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)  # HiFi-GAN's periods
     mpd_channels: int = 16         # HiFi-GAN / ParallelWaveGAN: 16 -> 512
     msd_channels: int = 16         # MelGAN: 16 -> 1024, three scales
-    # losses (§4: lambda_t, lambda_f, lambda_adv, lambda_feat, lambda_cm = 1, 1, 1/9, 100/9, 1)
+    # losses ([setup]: lambda_t, lambda_f, lambda_adv, lambda_feat, lambda_cm = 1, 1, 1/9, 100/9, 1)
     lambda_t: float = 1.0          # (recon_loss_weight)
     lambda_f: float = 1.0          # (multi_spectral_recon_loss_weight)
     lambda_adv: float = 1 / 9      # (adversarial_loss_weight)
@@ -177,19 +181,19 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.5, 0.9)  # (optim_conf betas)
     gan_start: int = 0             # steps with the reconstruction terms only, D untrained
     grad_clip: float = 0.0         # 0: none (grad_clip: -1)
-    batch_size: int = 32           # 32 on two GPUs (§4; the yaml: 16 per GPU)
-    segment_seconds: float = 3.2   # 3.2 s random crops (§4; the yaml: 40800 samples = 2.55 s)
+    batch_size: int = 32           # 32 on two GPUs ([setup]; the yaml: 16 per GPU)
+    segment_seconds: float = 3.2   # 3.2 s random crops ([setup]; yaml: 40800 samples)
     # the run
     data: str = ""                 # folder or .jsonl manifest; "": the demo corpus in data/demo
     out: str = "runs/freqcodec"    # checkpoints, log, samples
-    steps: int = 300_000           # 300k updates (§4; the yaml: 60 epochs x 10k)
+    steps: int = 300_000           # 300k updates ([setup]; the yaml: 60 epochs x 10k)
     seed: int = 0                  # weights, crops, n_q draws follow from it (seed: 0)
     log_every: int = 100           # steps between log lines (each with full diagnostics)
     sample_every: int = 10_000     # steps between reconstruction wav + spectrogram PNGs
     ckpt_every: int = 10_000       # steps between checkpoints
     semantic_fit_files: int = 200  # training files whose MFCC frames fit the semantic k-means
     eval_utterances: int = 20      # held-out utterances in the metrics table at the end
-    metrics: str = "mel,pesq,stoi,visqol"  # ViSQOL is the paper's metric (§4)
+    metrics: str = "mel,pesq,stoi,visqol"  # ViSQOL: the paper's metric ([setup])
     num_workers: int = 4           # DataLoader worker processes
     threads: int = 0               # CPU threads; 0: the idle cores (busy cores stall torch)
     amp: str = "none"              # "bf16" / "fp16" on CUDA (the recipe: use_amp false)
@@ -205,7 +209,7 @@ PRESETS = {
     "paper": (Config(), TrainConfig()),
     # freqcodec_mag_angle_16k_n32_600k_step.yaml: log|X| and the angle, two channels
     "mag_angle": (Config(domain="mag_angle"), TrainConfig()),
-    # the grouped variants ("gr" of the released names, Table 2 M4-M7): our reading, groups =
+    # the grouped variants ("gr" of the released names; the results' M4-M7): our reading, groups =
     # min(in, out) // 2 // ratio in every conv and transposed conv; the released configs are
     # unknown (module docstring)
     "gr8": (Config(conv_group_ratio=8, tr_conv_group_ratio=8), TrainConfig()),
@@ -409,15 +413,16 @@ def groups(ratio, channels):
 
 
 class ResnetBlock2d(nn.Module):
-    """The residual unit of Table 1: ELU, conv 3x3 to C/2, ELU, conv 1x1 back to C, plus a 1x1
-    conv skip (`shortcut`). Keys: block.1, block.3, shortcut."""
+    """The residual unit of the encoder table [arch]: ELU, conv 3x3 to C/2, ELU, conv 1x1 back to
+    C, plus a 1x1 conv skip (`shortcut`). Keys: block.1, block.3, shortcut."""
 
     def __init__(self, cfg, dim, ratio):
         super().__init__()
         hidden, k = dim // cfg.residual_compress, cfg.residual_kernel_size
         self.block = nn.Sequential(
             nn.ELU(), SConv2d(cfg, dim, hidden, (k, k), groups=groups(ratio, min(dim, hidden))),
-            nn.ELU(), SConv2d(cfg, hidden, dim, (1, 1), groups=groups(ratio, min(dim, hidden))))
+            nn.ELU(inplace=True),  # in place where nothing else reads its input
+            SConv2d(cfg, hidden, dim, (1, 1), groups=groups(ratio, min(dim, hidden))))
         self.shortcut = (nn.Identity() if cfg.true_skip else
                          SConv2d(cfg, dim, dim, (1, 1), groups=groups(ratio, dim)))
 
@@ -432,8 +437,8 @@ class Squeeze(nn.Module):
         super().__init__()
         self.unsqueeze = unsqueeze
 
-    def forward(self, x):  # contiguous: the LSTM's output is a permuted view, which made the
-        return x.unsqueeze(2).contiguous() if self.unsqueeze else x.squeeze(2)  # next conv 3x slower
+    def forward(self, x):  # contiguous: the LSTM's output is a permuted view (the next conv ran
+        return x.unsqueeze(2).contiguous() if self.unsqueeze else x.squeeze(2)  # 3x slower on it)
 
 
 # Copied from encodec.py: SLSTM
@@ -460,21 +465,21 @@ def stage_ratios(cfg):
 
 
 class Encoder(nn.Module):
-    """Table 1: conv 7x7 to C, four stages (residual unit, ELU, conv k = 2s with strides (4, 1),
-    (4, 2), (4, 1), (4, 1) doubling the channels), frequency 257 -> 1 squeezed out, the LSTM,
-    ELU, conv k=7 to D. Indices as the official `model`: 0 conv, 1/4/7/10 residual units,
-    3/6/9/12 strided convs, 13 squeeze, 14 LSTM, 16 conv."""
+    """The encoder table [arch]: conv 7x7 to C, four stages (residual unit, ELU, conv k = 2s with
+    strides (4, 1), (4, 2), (4, 1), (4, 1) doubling the channels), frequency 257 -> 1 squeezed
+    out, the LSTM, ELU, conv k=7 to D. Indices as the official `model`: 0 conv, 1/4/7/10 residual
+    units, 3/6/9/12 strided convs, 13 squeeze, 14 LSTM, 16 conv."""
 
     def __init__(self, cfg):
         channels = {"mag_phase": 3, "mag_angle": 2}[cfg.domain]
         C, k, r = cfg.n_filters, cfg.kernel_size, cfg.conv_group_ratio
         layers = [SConv2d(cfg, channels, C, (k, k))]
         for f, t in reversed(stage_ratios(cfg)):
-            layers += [ResnetBlock2d(cfg, C, r), nn.ELU(),
+            layers += [ResnetBlock2d(cfg, C, r), nn.ELU(inplace=True),
                        SConv2d(cfg, C, 2 * C, (2 * f, 2 * t), (f, t), groups=groups(r, C))]
             C *= 2
         layers += [Squeeze()] + ([SLSTM(C, cfg.lstm_layers)] if cfg.lstm_layers else [])
-        layers += [nn.ELU(), SConv1d(cfg, C, cfg.dimension, k)]
+        layers += [nn.ELU(inplace=True), SConv1d(cfg, C, cfg.dimension, k)]
         super().__init__()
         self.model = nn.Sequential(*layers)
 
@@ -496,11 +501,12 @@ class Decoder(nn.Module):
         layers += ([SLSTM(C, cfg.lstm_layers)] if cfg.lstm_layers else []) + [Squeeze(True)]
         for i, (f, t) in enumerate(ratios):
             last = (0, 1) if i == len(ratios) - 1 else (0, 0)  # last_out_padding [(0, 1), (0, 0)]
-            layers += [nn.ELU(), SConvTranspose2d(cfg, C, C // 2, (2 * f, 2 * t), (f, t),
-                                                  groups(cfg.tr_conv_group_ratio, C), last),
+            layers += [nn.ELU(inplace=True),
+                       SConvTranspose2d(cfg, C, C // 2, (2 * f, 2 * t), (f, t),
+                                        groups(cfg.tr_conv_group_ratio, C), last),
                        ResnetBlock2d(cfg, C // 2, cfg.conv_group_ratio)]
             C //= 2
-        layers += [nn.ELU(), SConv2d(cfg, C, channels, (k, k))]
+        layers += [nn.ELU(inplace=True), SConv2d(cfg, C, channels, (k, k))]
         super().__init__()
         self.model = nn.Sequential(*layers)
 
@@ -508,7 +514,7 @@ class Decoder(nn.Module):
         return self.model(z)
 
 # -------------------------------------------------------------------------------------------------
-# Residual vector quantizer (§3.2): encodec.py's, whose buffers FunCodec stacks (from_official)
+# Residual vector quantizer [rvq]: encodec.py's, whose buffers FunCodec stacks (from_official)
 
 
 # Copied from soundstream.py: is_distributed
@@ -651,7 +657,7 @@ class ResidualVectorQuantizer(nn.Module):
         return z_q.transpose(1, 2)  # (B, F, D) -> (B, D, F)
 
 # -------------------------------------------------------------------------------------------------
-# Semantic augmentation (§3.2, Eq. 3) and its offline semantic tokens
+# Semantic augmentation [rvq] and its offline semantic tokens
 
 
 class MFCCUnits(nn.Module):
@@ -726,7 +732,7 @@ class MFCCUnits(nn.Module):
 
 
 class Semantic(nn.Module):
-    """V_s and Eq. (3)'s combinations, as codec_semantic_aug.py builds V_s: an embedding of the
+    """V_s and the combinations of [rvq], as codec_semantic_aug.py builds V_s: an embedding of the
     token ids, conv k=7 (GroupNorm), ELU, and a conv k = 2s with stride s (s = 2: 100 Hz tokens to
     the 50 Hz codec frames), cut or edge-padded to the codec's F frames.
         f_cat(V_a, V_s) = Concat(RVQ(V_a), V_s), then a conv k=3 from 2D back to D channels
@@ -773,7 +779,7 @@ class Encoded(NamedTuple):
 
 class FreqCodec(nn.Module):
     """STFT -> log-magnitude and phase planes -> 2-D encoder -> RVQ -> 2-D decoder -> planes ->
-    inverse STFT (§3.1, Fig. 1), with the optional semantic tokens of Eq. (3).
+    inverse STFT ([arch] and its figure), with the optional semantic tokens of [rvq].
 
     The codec interface of every codec file: sample_rate, channels, frame_rate, num_codebooks,
     codebook_size, encode(wav) -> Encoded(codes (B, Q, F), scale, semantic), decode(codes, scale,
@@ -800,7 +806,7 @@ class FreqCodec(nn.Module):
     codebook_size = property(lambda self: self.cfg.codebook_size)
 
     def bitrate(self, n_q=None):
-        """Bits per second: frame_rate * n_q * log2(K) (§3.2: 0.5 kbps per codebook), plus, with
+        """Bits per second: frame_rate * n_q * log2(K) (0.5 kbps per codebook), plus, with
         semantic augmentation, the semantic tokens the decoder also needs: 100 Hz * log2(vocab)."""
         bits = self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size)
         if self.cfg.semantic != "none":
@@ -856,7 +862,7 @@ class FreqCodec(nn.Module):
         return x / scale, scale.view(-1, 1)
 
     def analysis(self, x):
-        """Eq. (1): (B, 1, T) -> the encoder's planes (B, 3, N, L): log|X|, X_r/|X|, X_i/|X|
+        """[arch]: (B, 1, T) -> the encoder's planes (B, 3, N, L): log|X|, X_r/|X|, X_i/|X|
         (mag_phase), or (B, 2, N, L): log|X|, angle(X) (mag_angle); |X| floored at 1e-6."""
         X = torch.stft(x.squeeze(1).float(), self.cfg.n_fft, self.cfg.hop, window=self.hann,
                        pad_mode="reflect", return_complex=True)  # (B, N, L), centred
@@ -1054,7 +1060,7 @@ def config_from_official(state):
                   dropout_choices=tuple(q for q in Config.dropout_choices if q <= embed.shape[0]))
 
 # -------------------------------------------------------------------------------------------------
-# Discriminators (§3.3): MSD, MPD and MS-STFT behind one interface
+# Discriminators [adv]: MSD, MPD and MS-STFT behind one interface
 
 
 # Copied from soundstream.py: WaveDiscriminator
@@ -1203,7 +1209,7 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 
 
 class Discriminators(nn.Module):
-    """§3.3: "FunCodec provides a unified interface" for MSD, MPD and MS-STFT: any combination,
+    """[adv]: a unified interface for MSD, MPD and MS-STFT: any combination,
     in the order given, whose outputs form one list of (logits, [features]), one per
     sub-discriminator (as FunCodec's MultipleDiscriminator)."""
 
@@ -1228,7 +1234,7 @@ class Discriminators(nn.Module):
         return self
 
 # -------------------------------------------------------------------------------------------------
-# Losses (§3.3, Eqs. 4-7; codec_freq.py _forward_generator / _forward_discriminator)
+# Losses [adv] (codec_freq.py _forward_generator / _forward_discriminator)
 
 
 # Copied from encodec.py: discriminator_loss
@@ -1245,7 +1251,7 @@ def adversarial_loss(fake):
 
 
 def feature_loss(real, fake):
-    """Eq. (6): mean |D_k^l(x) - D_k^l(x_hat)| over every layer l of every sub-discriminator k,
+    """L_feat: mean |D_k^l(x) - D_k^l(x_hat)| over every layer l of every sub-discriminator k,
     averaged over the K * L maps (real features carry no gradient)."""
     terms = [F.l1_loss(ff, fr.detach()) for (_, r), (_, f) in zip(real, fake)
              for fr, ff in zip(r, f)]
@@ -1253,7 +1259,7 @@ def feature_loss(real, fake):
 
 
 class MultiSpectralLoss(nn.Module):
-    """Eq. (4): for windows 2^i (i = 5..10, Q4), hop 2^i / 4, a 1024-point FFT of the reflect-
+    """L_f: for windows 2^i (i = 5..10, Q4), hop 2^i / 4, a 1024-point FFT of the reflect-
     padded signal (not centred): S_i = log10 max(|X|^2, 1e-5) over the 513 bins and M_i = log10
     max(mel_64 |X|^2, 1e-5); per scale (L1(S) + L1(M)) / 2 + (L2(S) + L2(M)) / 2, with L1 and L2
     the mean absolute and the mean squared error, averaged over the scales (official Audio2Mel
@@ -1565,8 +1571,8 @@ def eval_utterances(data, limit=None):
 
 
 def update_discriminator(d_loss, g_loss, world=1):
-    """§4: "to prevent the discriminator from being too strong, it is updated only when its loss
-    exceeds that of the codec model": d_loss > g_loss, with g_loss the generator's weighted
+    """[setup]: to keep the discriminator from becoming too strong, it is updated only when its
+    loss exceeds the codec model's: d_loss > g_loss, with g_loss the generator's weighted
     reconstruction and GAN terms of the same step (official `self.gen_loss`: without the
     commitment terms). Under DDP both are first averaged over the ranks, so that all agree."""
     pair = torch.stack([d_loss.detach().float(), g_loss.detach().float()])
@@ -1618,8 +1624,8 @@ class Trainer:
 
     def draws(self):
         """This step's number of codebooks, one for the whole batch: structured quantizer dropout
-        over cfg.dropout_choices (§3.2: 1, 2, 4, 8, 16, 32). The same on every rank and after a
-        resume (a generator seeded by the run's seed and the step)."""
+        over cfg.dropout_choices (1, 2, 4, 8, 16, 32: rand_num_quant). The same on every rank and
+        after a resume (a generator seeded by the run's seed and the step)."""
         # 1_000_003 (a prime, our choice) keeps (seed, step) pairs on distinct seeds
         g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
         choices = self.cfg.dropout_choices
@@ -1627,7 +1633,7 @@ class Trainer:
 
     def step(self, batch, diagnose=False):
         """G on lambda_t L_t + lambda_f L_f + lambda_adv L_adv + lambda_feat L_feat + lambda_cm
-        L_cm (§4: 1, 1, 1/9, 100/9, 1), then D on the hinge loss if its loss exceeds G's (§4).
+        L_cm ([setup]: 1, 1, 1/9, 100/9, 1), then D on the hinge loss if its loss exceeds G's.
         Before run.gan_start: L_t, L_f and L_cm only, D untouched. Returns the logged numbers."""
         self.model.train()
         run = self.run
@@ -1792,7 +1798,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         how = f"resumed at step {trainer.step_count}" if start else "new run"
         print(f"FreqCodec {how}: {n_g:.2f}M codec + {n_d:.2f}M discriminator parameters, "
               f"{m.frame_rate:g} Hz x {m.num_codebooks} x {m.codebook_size} entries = "
-              f"{m.bitrate(1) / 1000:g} ... {m.bitrate() / 1000:g} kbps"
+              f"{m.bitrate(1) / 1000:.3g} ... {m.bitrate() / 1000:.3g} kbps"
               f"{' (with the semantic tokens)' if cfg.semantic != 'none' else ''}, {len(files)} "
               f"training files, {world} process(es) on {device}"
               + (f", {threads} CPU thread(s){why}" if threads else ""), flush=True)
