@@ -401,10 +401,11 @@ class SConvTranspose2d(nn.Module):
         self.trim_t = (t - t // 2, t // 2)
 
     def forward(self, x):  # (B, C_in, N, L) -> (B, C_out, N * s_f (+1), L * s_t)
+        if x.shape[1] <= 256:  # channels-last: these ran up to 2x faster so (and so does the rest
+            x = x.contiguous(memory_format=torch.channels_last)  # of the decoder); 512: slower
         y = self.convtr.norm(self.convtr.convtr(x))  # official order: norm before the trim
         (f0, f1), (t0, t1) = self.trim_f, self.trim_t
-        # contiguous: the next convs ran 1.5-3x slower on the trimmed view (the official's)
-        return y[..., f0:y.shape[-2] - f1, t0:y.shape[-1] - t1].contiguous()
+        return y[..., f0:y.shape[-2] - f1, t0:y.shape[-1] - t1]
 
 
 def groups(ratio, channels):
@@ -437,8 +438,9 @@ class Squeeze(nn.Module):
         super().__init__()
         self.unsqueeze = unsqueeze
 
-    def forward(self, x):  # contiguous: the LSTM's output is a permuted view (the next conv ran
-        return x.unsqueeze(2).contiguous() if self.unsqueeze else x.squeeze(2)  # 3x slower on it)
+    def forward(self, x):  # contiguous: the LSTM's output is a permuted view, which the official
+        # code's first transposed conv (512 channels) reads as channels-last: 3x slower
+        return x.unsqueeze(2).contiguous() if self.unsqueeze else x.squeeze(2)
 
 
 # Copied from encodec.py: SLSTM
@@ -545,7 +547,8 @@ class Codebook(nn.Module):
 
     def nearest(self, z):  # z (N, D) -> codes (N,)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is the same for every entry
-        return (self.embed.pow(2).sum(1) - 2 * z @ self.embed.t()).argmin(dim=1)  # (N,)
+        # min(...).indices: the same first index as argmin, 3x faster on CPU (torch 2.13)
+        return (self.embed.pow(2).sum(1) - 2 * z @ self.embed.t()).min(dim=1).indices  # (N,)
 
     def lookup(self, codes):  # codes (...) -> vectors (..., D)
         return F.embedding(codes, self.embed)
@@ -703,7 +706,7 @@ class MFCCUnits(nn.Module):
                              "fits it) or call model.semantic_units.fit(wavs)")
         x = self.features(wav)  # (B, L, 39)
         d = self.centroids.pow(2).sum(1) - 2 * x @ self.centroids.t()  # ||c||^2 - 2 x.c
-        return d.argmin(dim=-1)
+        return d.min(dim=-1).indices  # as argmin, faster
 
     @torch.no_grad()
     def fit(self, wavs, iters=30, seed=0):
