@@ -663,6 +663,13 @@ class ResidualVectorQuantizer(nn.Module):
 # Semantic augmentation [rvq] and its offline semantic tokens
 
 
+def mfcc_deltas(c):
+    """HTK's regression over +-2 frames, d_t = (c_{t+1} - c_{t-1} + 2 (c_{t+2} - c_{t-2})) / 10, the
+    edge frames repeated. c (B, L, n) -> (B, L, n)."""
+    p = F.pad(c.transpose(1, 2), (2, 2), mode="replicate").transpose(1, 2)  # (B, L + 4, n)
+    return (p[:, 3:-1] - p[:, 1:-3] + 2 * (p[:, 4:] - p[:, :-4])) / 10
+
+
 class MFCCUnits(nn.Module):
     """Offline semantic tokens: k-means clusters of 39-d MFCC frames (13 cepstra, deltas and
     delta-deltas; 25 ms windows every 10 ms), the targets of HuBERT's first iteration (Hsu et al.
@@ -692,13 +699,8 @@ class MFCCUnits(nn.Module):
                           return_complex=True)  # (B, N, L), centred: L = 1 + T // hop
         logmel = (self.mel @ spec.abs().pow(2)).clamp(min=1e-10).log()  # (B, 40, L)
         c = (self.dct @ logmel).transpose(1, 2)  # (B, L, 13)
-
-        def delta(x):  # HTK regression over +-2 frames, edges repeated
-            p = F.pad(x.transpose(1, 2), (2, 2), mode="replicate").transpose(1, 2)
-            return (p[:, 3:-1] - p[:, 1:-3] + 2 * (p[:, 4:] - p[:, :-4])) / 10
-
-        d = delta(c)
-        return (torch.cat([c, d, delta(d)], dim=-1) - self.mean) / self.std
+        d = mfcc_deltas(c)
+        return (torch.cat([c, d, mfcc_deltas(d)], dim=-1) - self.mean) / self.std
 
     def forward(self, wav):  # (B, 1, T) -> tokens (B, L) int64
         if not self.fitted:

@@ -264,6 +264,11 @@ def test_combination_shapes_and_gradient_paths(mode):
     if mode == "cat":  # a conv over [V_s, RVQ(V_a)]: both reach the output through its weights
         assert z.grad.abs().sum() > 0 and v_s.grad.abs().sum() > 0
         assert not torch.allclose(z.grad, g)
+        w = model.semantic.cond.conv.conv.weight  # (D, 2D, 3): the first D inputs read V_s (official order)
+        with torch.no_grad():
+            w[:, D:] = 0
+        torch.testing.assert_close(model.semantic.decoder_input(z_q, v_s),
+                                   model.semantic.decoder_input(torch.zeros_like(z_q), v_s))
     elif mode == "add":  # RVQ(V_a) + V_s: identity to both (straight-through)
         torch.testing.assert_close(z.grad, g)
         torch.testing.assert_close(v_s.grad, g)
@@ -276,6 +281,10 @@ def test_combination_shapes_and_gradient_paths(mode):
     # and the residual mode codes V_a - V_s
     if mode == "res":
         torch.testing.assert_close(q_in, z - v_s)
+    # tokens that cover fewer frames (e.g. 50 Hz units, 19 tokens -> 10 frames for 11): the last frame repeated,
+    # as codec_semantic_aug.py pads
+    short = model.semantic(tokens[:, :19], Fr)
+    assert short.shape == (B, D, Fr) and torch.equal(short[..., -1], short[..., -2])
 
 
 def test_semantic_tokens_shift_the_codes_and_are_needed_to_decode():
@@ -315,16 +324,25 @@ def test_mfcc_units_are_deterministic_and_cluster_phones():
     assert 0.05 < changes < 0.9  # segments of several 10 ms frames, not noise and not one class
 
 
-def test_mfcc_deltas_by_hand():
-    units = ours.MFCCUnits(MINI_CFG)
-    # HTK regression: d_t = (c_{t+1} - c_{t-1} + 2 (c_{t+2} - c_{t-2})) / 10; a ramp c_t = t has d = 1
+def test_mfcc_deltas_and_cepstra_by_hand():
+    # a ramp c_t = t has slope 1 inside; at the edges the repeated frames give (1 + 2 * 2) / 10 and so on
     c = torch.arange(10.0)[None, :, None].repeat(1, 1, 13)
-    p = F.pad(c.transpose(1, 2), (2, 2), mode="replicate").transpose(1, 2)
-    d = (p[:, 3:-1] - p[:, 1:-3] + 2 * (p[:, 4:] - p[:, :-4])) / 10
-    assert torch.allclose(d[0, 2:-2, 0], torch.ones(6))
-    assert math.isclose(d[0, 0, 0].item(), (1 - 0 + 2 * (2 - 0)) / 10)  # edges repeated
-    assert units.dct.shape == (13, 40)
-    torch.testing.assert_close(units.dct @ units.dct.t(), torch.eye(13), atol=1e-5, rtol=0)  # orthonormal
+    d = ours.mfcc_deltas(c)
+    assert d.shape == c.shape and torch.allclose(d[0, 2:-2, 0], torch.ones(6))
+    assert math.isclose(d[0, 0, 0].item(), (1 - 0 + 2 * (2 - 0)) / 10, rel_tol=1e-6)  # c_{-1} = c_{-2} = c_0
+    assert math.isclose(d[0, 1, 0].item(), (2 - 0 + 2 * (3 - 0)) / 10, rel_tol=1e-6)
+    assert math.isclose(d[0, -1, 0].item(), (9 - 8 + 2 * (9 - 7)) / 10, rel_tol=1e-6)
+    units = ours.MFCCUnits(MINI_CFG)
+    torch.testing.assert_close(units.dct @ units.dct.t(), torch.eye(13), atol=1e-5, rtol=0)  # orthonormal DCT-II
+    # c_0 of a frame is sqrt(1/40) * the sum of its 40 log-mel energies: compare with librosa's mel filters
+    import librosa
+    x = 0.3 * torch.randn(1, 1, 4000, generator=torch.Generator().manual_seed(0))
+    power = np.abs(librosa.stft(x[0, 0].numpy(), n_fft=512, hop_length=160, win_length=400, window="hann",
+                                center=True, pad_mode="reflect")) ** 2
+    logmel = np.log(np.maximum(librosa.filters.mel(sr=16000, n_fft=512, n_mels=40, htk=True, norm=None) @ power,
+                               1e-10))
+    c0 = units.features(x)[0, :, 0]  # fresh units: mean 0, std 1, so the raw cepstrum
+    np.testing.assert_allclose(c0.numpy(), logmel.sum(0) / math.sqrt(40), rtol=1e-4, atol=1e-3)
 
 # -------------------------------------------------------------------------------------------------
 # Discriminators and losses
@@ -365,6 +383,13 @@ def test_multi_spectral_loss_by_hand():
     S, M = loss.spectra(x, 256)
     frames = (8000 + 2 * ((1024 - 64) // 2) - 1024) // 64 + 1  # reflect-padded by (n_fft - hop) / 2, not centred
     assert S.shape == (1, 513, frames) and M.shape == (1, 64, frames)
+    # the spectra themselves, against librosa: window 256 (Hann, centred in 1024 points), hop 64, Slaney mel
+    import librosa
+    pad = np.pad(x[0, 0].numpy(), (480, 480), mode="reflect")
+    power = np.abs(librosa.stft(pad, n_fft=1024, hop_length=64, win_length=256, window="hann", center=False)) ** 2
+    np.testing.assert_allclose(S[0].numpy(), np.log10(np.maximum(power, 1e-5)), atol=2e-4, rtol=0)
+    mel = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=64) @ power
+    np.testing.assert_allclose(M[0].numpy(), np.log10(np.maximum(mel, 1e-5)), atol=2e-4, rtol=0)
 
 
 def test_the_paper_loss_weights_and_the_recipes_optimiser():
@@ -600,8 +625,9 @@ def test_the_front_door_says_what_it_trains_and_why(monkeypatch, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith("preset tiny (no GPU here") and "the demo corpus" in line
     assert (seen["cfg"], seen["run"]) == ours.PRESETS["tiny"]
-    ours.main(["--train", "--semantic", "res"])
+    ours.main(["--train", "--semantic", "res", "--discriminators", "msd,mpd,mstft"])
     assert seen["cfg"] == dataclasses.replace(TINY_CFG, semantic="res")
+    assert seen["run"].discriminators == ("msd", "mpd", "mstft")
 
 
 def test_evaluation_table_at_every_trained_rate_after_training(tmp_path, capsys):
