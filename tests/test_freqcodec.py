@@ -359,6 +359,16 @@ def test_any_combination_of_discriminators_gives_one_list():
         ours.Trainer(MINI_CFG, dataclasses.replace(MINI_RUN, discriminators=("hifi",)))
 
 
+def test_a_gan_step_with_all_three_discriminators():
+    run = dataclasses.replace(MINI_RUN, discriminators=("msd", "mpd", "mstft"), lambda_t=0.0, lambda_f=0.0)
+    trainer = ours.Trainer(MINI_CFG, run)
+    d0 = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    stats = trainer.step(demo_batch())
+    assert stats["d_step"] == 1.0 and math.isfinite(stats["adv"]) and math.isfinite(stats["feat"])
+    moved = {k.split(".")[1] for k, v in trainer.disc.state_dict().items() if not torch.equal(d0[k], v)}
+    assert moved == {"0", "1", "2"}  # every sub-discriminator learnt
+
+
 def test_hinge_and_feature_losses_by_hand():
     real = [(torch.tensor([2.0, 0.0]), [torch.tensor([1.0, 1.0]), torch.tensor([0.0])]),
             (torch.tensor([0.5]), [torch.tensor([3.0])])]
