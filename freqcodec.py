@@ -8,7 +8,8 @@ codec_semantic_aug.py, encoder/seanet_encoder.py (SEANetEncoder2d), decoder/sean
 quantizer/costume_quantizer.py, modules/quantization/ddp_core_vq.py, and the recipe
 egs/LibriTTS/codec/conf/freqcodec_mag_phase_16k_n32_600k_step.yaml (our `paper` preset). This
 file equals `funcodec` 0.2.0 on identical weights: the official state dict loads strictly, codes
-are identical and the audio matches to float rounding (tests/test_freqcodec.py).
+are identical and the audio matches to float rounding for inputs of a multiple of 160 samples
+(DEVIATION 7; tests/test_freqcodec.py).
 
 Paper -> code. Sections by title (the reading notes, shared/paper-notes/001, do not number
 them): [arch] model architecture, [rvq] semantic-augmented RVQ, [adv] adversarial training with
@@ -43,33 +44,39 @@ Labelled quirks of the released code, kept because the weights need them (or har
   Q3. The decoded phase is complex(ch1, ch2), not normalised to unit length: the magnitude the
       inverse STFT sees is softplus(ch0) * |ch1 + i ch2|.
   Q4. The multi-spectral loss uses windows 2^5..2^10 (six; the paper writes 5..11), a fixed
-      n_fft of 1024 for all of them, and log10 of power (not magnitude) spectra.
-  Q5. The ||V - RVQ(V)|| term of L_cm (`enc_quant_loss`, the squared MSE) has no gradient:
-      the straight-through output is V plus a constant. It is computed and logged, as there.
-  Q6. FunCodec multiplies the discriminator's loss by 0 when the rule says "no update" and still
-      steps Adam, whose momentum keeps moving D. Here D's step is skipped (the paper's words).
-  Q7. With audio_normalize, decoding needs the input's RMS (`scale`); FunCodec's own
-      inference_decoding drops it and returns unit-RMS audio. decode() takes it when given.
-  Q8. FunCodec's output is shorter than its input by T mod 160 samples (FreqCodec.pad); here the
-      input is first padded with zeros to a multiple of 160, so that no sample is lost.
+      n_fft of 1024 for all of them, log10 of power (not magnitude) spectra, and per scale
+      (L1_S + L1_M) / 2 + (L2_S + L2_M) / 2: half of the paper's sum of the four norms.
+  Q5. The ||V - RVQ(V)|| term of L_cm (`enc_quant_loss`, the squared MSE) has no gradient in
+      the plain codec, with f_cat and with f_res: the straight-through output is V plus a
+      constant. With f_add, RVQ(V_a) + V_s - V_a pulls V_s towards 0. Computed and logged, as
+      there.
 
-DEVIATIONS from the official code (tagged `# DEVIATION` where they happen)
+DEVIATIONS from the official code (tagged `# DEVIATION` where they happen; comments inside the
+marked copies refer to their origin's numbering)
   1. The RVQ is encodec.py's (a marked copy): the residual keeps its gradient path and a reset
-     dead code stays reset (encodec.py DEVIATIONS 1 and 2). Inference is unchanged.
-  2. The commitment term is averaged over the codebooks in use (L_cm's 1/N); FunCodec averages
-     over all 32, counting the dropped ones as zeros, so its weight falls to 1/32 at n_q = 1.
-  3. The discriminator judges the generator's output of the same step; FunCodec runs the codec a
-     second time after the generator's update (one forward of the codec less per step here).
+     dead code stays reset (encodec.py's DEVIATIONS 1 and 2). Inference is unchanged.
+  2. The commitment term is averaged over the codebooks in use (L_cm's 1/N; the copied RVQ's
+     "official" is EnCodec's); FunCodec averages over all 32, counting the dropped ones as
+     zeros, so its weight falls to 1/32 at n_q = 1.
+  3. Order of the updates: FunCodec's GAN trainer (generator_first false) runs the
+     discriminator's turn first, on a second pass of the codec in training mode (so the
+     codebooks get two EMA updates per iteration, each with its own dropout draw), and compares
+     D's loss with the previous iteration's generator loss (0 at the first one: D is then always
+     updated). Here G is updated first and D judges that output, compared with the same step's
+     generator loss: one codec pass and one EMA update per step.
   4. The tiny CPU preset trains the reconstruction terms alone (gan_start = steps), as the other
      tiny presets; the discriminators, the rule and the GAN terms run in the tests.
-
-Semantic augmentation [rvq]: f_cat(V_a, V_s) = Concat(RVQ(V_a), V_s), f_add = RVQ(V_a) + V_s,
-f_res = RVQ(V_a - V_s) + V_s. V_s is an embedding of frame-aligned semantic tokens, down-sampled
-to the codec's frame rate as codec_semantic_aug.py does. The paper uses phoneme labels or HuBERT
-units, which need a download or an aligner; offline, MFCCUnits gives k-means clusters of 39-d
-MFCC frames (HuBERT's own first-iteration targets). Any tokens can be passed instead (`semantic=`
-of forward / encode; Config.semantic_vocab and semantic_stride describe them). The receiver needs
-V_s to decode: bitrate() counts the semantic stream, so the tables compare at honest rates.
+  5. When the rule says "no update", FunCodec multiplies D's loss by 0 and still steps Adam,
+     whose momentum keeps moving D. Here D's step is skipped (the paper's words).
+  6. With audio_normalize, decoding needs the input's RMS (`scale`); FunCodec's own
+     inference_decoding drops it and returns unit-RMS audio. decode() applies it when given.
+  7. FreqCodec.pad: the input is padded with zeros to a multiple of 160 samples. FunCodec codes
+     the input as it is, and when T // 160 is odd its output lacks the last T mod 160 samples
+     (the decoder returns 2 ceil(L / 2) STFT frames for L = 1 + T // 160). So for T a multiple
+     of 160 the codes are FunCodec's; for other T they can differ (another input).
+  8. Semantic augmentation on FreqCodec is this file's combination: FunCodec's own
+     CodecSemanticAug is its time-domain codec. V_s is built as there, and cut to the codec's
+     F frames (there: to T // 320, then the last frame repeated).
 
 Released models (HF/ModelScope alibaba-damo/audio_codec-freqcodec_magphase-en-libritts-16k-
 {gr8,gr1}nq32ds320-pytorch): their module tree is this one, but their config.yaml could not be
@@ -144,8 +151,9 @@ class Config:
     norm: str = "time_group_norm"  # GroupNorm(1, C) after every conv, no weight norm (norm)
     pad_mode: str = "reflect"      # (pad_mode)
     causal: bool = False           # (causal); the 2-D codec is not streamable
-    conv_group_ratio: int = -1     # "gr" models: groups = min(in, out) // 2 // ratio; -1: dense
-    tr_conv_group_ratio: int = -1  # the same for the decoder's transposed convs
+    conv_group_ratio: int = -1     # "gr" models: residual convs in min(in, out) // 2 // ratio
+                                   # groups, strided convs in in // 2 // ratio; -1: dense
+    tr_conv_group_ratio: int = -1  # the transposed convs: in // 2 // ratio groups
     num_quantizers: int = 32       # 32 codebooks: 0.5 ... 16 kbps (num_quantizers)
     codebook_size: int = 1024      # K = 1024: 10 bits x 50 Hz = 0.5 kbps each (codebook_size)
     dropout_choices: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # structured dropout (rand_num_quant)
@@ -166,7 +174,7 @@ class TrainConfig:
     mstft_filters: int = 32        # (filters: 32)
     mstft_ffts: tuple[int, ...] = (1024, 2048, 512)  # hop n/4 (encodec_disc.py defaults)
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)  # HiFi-GAN's periods
-    mpd_channels: int = 16         # HiFi-GAN / ParallelWaveGAN: 16 -> 512
+    mpd_channels: int = 16         # bigcodec.py's MPD, 16 -> 512 (FunCodec's HiFi-GAN: 32 -> 1024)
     msd_channels: int = 16         # MelGAN: 16 -> 1024, three scales
     # losses ([setup]: lambda_t, lambda_f, lambda_adv, lambda_feat, lambda_cm = 1, 1, 1/9, 100/9, 1)
     lambda_t: float = 1.0          # (recon_loss_weight)
@@ -182,11 +190,11 @@ class TrainConfig:
     gan_start: int = 0             # steps with the reconstruction terms only, D untrained
     grad_clip: float = 0.0         # 0: none (grad_clip: -1)
     batch_size: int = 32           # 32 on two GPUs ([setup]; the yaml: 16 per GPU)
-    segment_seconds: float = 3.2   # 3.2 s random crops ([setup]; yaml: 40800 samples)
+    segment_seconds: float = 3.2   # 3.2 s crops ([setup]; the yaml: 40800 samples = 2.55 s)
     # the run
     data: str = ""                 # folder or .jsonl manifest; "": the demo corpus in data/demo
     out: str = "runs/freqcodec"    # checkpoints, log, samples
-    steps: int = 300_000           # 300k updates ([setup]; the yaml: 60 epochs x 10k)
+    steps: int = 300_000           # 300k updates ([setup]; the yaml: 60 x 10k = 600k)
     seed: int = 0                  # weights, crops, n_q draws follow from it (seed: 0)
     log_every: int = 100           # steps between log lines (each with full diagnostics)
     sample_every: int = 10_000     # steps between reconstruction wav + spectrogram PNGs
@@ -209,9 +217,9 @@ PRESETS = {
     "paper": (Config(), TrainConfig()),
     # freqcodec_mag_angle_16k_n32_600k_step.yaml: log|X| and the angle, two channels
     "mag_angle": (Config(domain="mag_angle"), TrainConfig()),
-    # the grouped variants ("gr" of the released names; the results' M4-M7): our reading, groups =
-    # min(in, out) // 2 // ratio in every conv and transposed conv; the released configs are
-    # unknown (module docstring)
+    # the grouped variants ("gr" of the released names; the results' M4-M7): our reading, the same
+    # ratio for conv_group_ratio and tr_conv_group_ratio (the first and last convs and the 1-D
+    # convs stay dense); the released configs are unknown (module docstring)
     "gr8": (Config(conv_group_ratio=8, tr_conv_group_ratio=8), TrainConfig()),
     "gr1": (Config(conv_group_ratio=1, tr_conv_group_ratio=1), TrainConfig()),
     # CPU demo on the 16 kHz demo corpus, ~9 min on 2 idle cores (README). Our choices: 8 filters
@@ -814,8 +822,8 @@ class FreqCodec(nn.Module):
         """Bits per second: frame_rate * n_q * log2(K) (0.5 kbps per codebook), plus, with
         semantic augmentation, the semantic tokens the decoder also needs: 100 Hz * log2(vocab)."""
         bits = self.frame_rate * (n_q or self.num_codebooks) * math.log2(self.codebook_size)
-        if self.cfg.semantic != "none":
-            bits += self.cfg.sample_rate / self.cfg.hop * math.log2(self.cfg.semantic_vocab)
+        if self.cfg.semantic != "none":  # semantic_stride tokens per codec frame
+            bits += self.frame_rate * self.cfg.semantic_stride * math.log2(self.cfg.semantic_vocab)
         return bits
 
     def check_wav(self, wav, sample_rate=None):
@@ -855,9 +863,9 @@ class FreqCodec(nn.Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     def pad(self, wav):
-        """Q8: zeros up to a multiple of the STFT hop (160). FunCodec codes the unpadded input,
-        and its output then lacks the last T mod 160 samples (the inverse STFT of 1 + T // 160
-        frames is 160 * (T // 160) long); for T a multiple of 160 both are the same."""
+        """DEVIATION 7: zeros up to a multiple of the STFT hop (160), so that the output is never
+        shorter than the input. FunCodec codes the unpadded input; when T // 160 is odd its output
+        then lacks the last T mod 160 samples. For T a multiple of 160 both are the same."""
         return F.pad(wav, (0, -wav.shape[-1] % self.cfg.hop))
 
     def normalize(self, x):  # (B, 1, T) -> x / scale, scale (B, 1): the RMS (audio_normalize)
@@ -912,14 +920,16 @@ class FreqCodec(nn.Module):
         x_hat = self.synthesis(self.decoder(dec_in))[..., :wav.shape[-1]]
         if scale is not None:
             x_hat = x_hat * scale[:, :, None]
-        enc_quant = F.mse_loss(dec_in, z) ** 2  # Q5: the official `enc_quant_loss`
+        # Q5: the official `enc_quant_loss`: RVQ(V_a) against V_a, and for f_add and f_res the
+        # decoder's input against V_a (codec_freq.py, codec_semantic_aug.py)
+        enc_quant = F.mse_loss(dec_in if self.cfg.semantic in ("add", "res") else z_q, z) ** 2
         return x_hat, codes, {"commit": commit, "enc_quant": enc_quant,
                               "latent_rms": z.detach().pow(2).mean().sqrt()}
 
     @torch.no_grad()
     def encode(self, wav, n_q=None, sample_rate=None, semantic=None):
         """wav (B, 1, T) -> Encoded(codes (B, n_q, F), scale, semantic), F = ceil((1 + T' / 160)
-        / 2) with T' = T rounded up to a multiple of 160 (Q8); n_q: the first codebooks."""
+        / 2) with T' = T rounded up to a multiple of 160 (DEVIATION 7); n_q: the first codebooks."""
         self.check_wav(wav, sample_rate)
         n_q = self.num_codebooks if n_q is None else n_q
         if not 1 <= n_q <= self.num_codebooks:
@@ -935,7 +945,7 @@ class FreqCodec(nn.Module):
     @torch.no_grad()
     def decode(self, codes, scale=None, semantic=None):
         """codes (B, Q, F) (and the scale and semantic tokens that encode returned) -> wav
-        (B, 1, (2F - 1) * 160). Without `scale` the output has unit RMS (Q7)."""
+        (B, 1, (2F - 1) * 160). Without `scale` the output has unit RMS (DEVIATION 6)."""
         if isinstance(codes, Encoded):
             codes, scale, semantic = codes
         if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.dim() != 3:
@@ -1214,9 +1224,11 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 
 
 class Discriminators(nn.Module):
-    """[adv]: a unified interface for MSD, MPD and MS-STFT: any combination,
-    in the order given, whose outputs form one list of (logits, [features]), one per
-    sub-discriminator (as FunCodec's MultipleDiscriminator)."""
+    """[adv]: a unified interface for MSD, MPD and MS-STFT: any combination, in the order given,
+    whose outputs form one list of (logits, [features]), one per sub-discriminator (as FunCodec's
+    MultipleDiscriminator). The MS-STFT is FunCodec's (its weights load); the MSD is MelGAN's
+    (soundstream.py's) and the MPD ParallelWaveGAN's (bigcodec.py's), not FunCodec's HiFi-GAN
+    modules (funcodec/models/discriminator/hifigan.py), which its recipe does not use."""
 
     def __init__(self, run):
         super().__init__()
@@ -1679,7 +1691,7 @@ class Trainer:
             if update or self.world > 1:  # under DDP every rank runs the same backward
                 self.opt_d.zero_grad(set_to_none=True)
                 self.scaler.scale(d_loss * float(update)).backward()
-            if update:  # Q6: no step at all when the rule says no
+            if update:  # DEVIATION 5: no step at all when the rule says no
                 self.scaler.unscale_(self.opt_d)
                 if run.grad_clip > 0:
                     nn.utils.clip_grad_norm_(self.disc.parameters(), run.grad_clip)

@@ -220,8 +220,8 @@ def test_frames_and_output_length_for_any_length(T, frames, out):
     sent = model.encode(0.1 * torch.randn(1, 1, T))
     assert sent.codes.shape == (1, 4, frames)  # F = ceil((1 + T' / 160) / 2), T' = T up to a multiple of 160
     y = model.decode(sent)
-    assert y.shape == (1, 1, out) and out >= T  # Q8: no sample lost
-    assert model.decode(sent.codes).shape == y.shape  # codes alone: unit RMS (Q7)
+    assert y.shape == (1, 1, out) and out >= T  # DEVIATION 7: no sample lost
+    assert model.decode(sent.codes).shape == y.shape  # codes alone: unit RMS (DEVIATION 6)
 
 
 def test_audio_normalize_makes_the_codes_level_free():
@@ -236,6 +236,8 @@ def test_audio_normalize_makes_the_codes_level_free():
 def test_bitrate_counts_the_semantic_stream():
     model = ours.FreqCodec(dataclasses.replace(ours.Config(), semantic="res"))
     assert model.bitrate(1) == 500 + 100 * math.log2(100)  # 0.5 kbps + 100 tokens/s of 6.64 bits
+    hubert = ours.FreqCodec(dataclasses.replace(ours.Config(), semantic="res", semantic_stride=1, semantic_vocab=500))
+    assert hubert.bitrate(1) == 500 + 50 * math.log2(500)  # 50 Hz units: one per codec frame
     assert ours.FreqCodec(TINY_CFG).bitrate(8) == 50 * 8 * 5
 
 # -------------------------------------------------------------------------------------------------
@@ -285,6 +287,33 @@ def test_combination_shapes_and_gradient_paths(mode):
     # as codec_semantic_aug.py pads
     short = model.semantic(tokens[:, :19], Fr)
     assert short.shape == (B, D, Fr) and torch.equal(short[..., -1], short[..., -2])
+
+
+@pytest.mark.parametrize("mode", ["none", "cat", "add", "res"])
+def test_the_enc_quant_term_has_a_gradient_only_with_f_add(mode):
+    """Q5: ||V_a - RVQ(V_a)||^2 (or, for f_add and f_res, of the decoder's input) has no gradient under the
+    straight-through estimator, except through V_s with f_add (RVQ(V_a) + V_s - V_a)."""
+    model = semantic_model(mode) if mode != "none" else randomize_codebooks(ours.FreqCodec(MINI_CFG))
+    model.train()
+    _, _, aux = model(demo_batch(), 4, semantic=torch.randint(8, (2, 21)) if mode != "none" else None)
+    assert aux["enc_quant"] > 0
+    aux["enc_quant"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    if mode == "add":
+        assert grads and all(n.startswith("semantic.") for n in grads)
+    else:
+        assert not grads
+
+
+def test_official_output_is_short_when_t_over_160_is_odd(official):
+    """DEVIATION 7: FunCodec's output has 2 ceil(L / 2) STFT frames for L = 1 + T // 160: 16100 samples (T // 160
+    = 100) come back whole, 16260 (T // 160 = 101) come back 100 short; ours pads and returns at least T."""
+    m = build_official(official, dataclasses.replace(ours.Config(), n_filters=8, lstm_layers=1))
+    model = ours.FreqCodec.from_official(m.state_dict())
+    for T, official_length in [(16100, 16160), (16260, 16160)]:
+        x = 0.1 * torch.randn(1, 1, T)
+        assert official_codec(m, x)[1].shape[-1] == official_length
+        assert model.decode(model.encode(x)).shape[-1] >= T
 
 
 def test_semantic_tokens_shift_the_codes_and_are_needed_to_decode():
