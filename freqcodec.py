@@ -34,7 +34,8 @@ whose section and DEVIATION numbers are that file's.
 
 Shapes: B batch, T samples (mono: (B, 1, T)), N = n_fft / 2 + 1 = 257 frequency bins, L STFT
 frames (100 Hz: 1 + T // 160), F codec frames (50 Hz), D latent dim (128), Q codebooks in use,
-K codebook size, C channels. `F` is torch.nn.functional.
+K codebook size, C channels (the copied RVQ calls the codec frames L). `F` is
+torch.nn.functional.
 
 Labelled quirks of the released code, kept because the weights need them (or harmless):
   Q1. SConv2d puts the extra time padding that makes the last window full on the LEFT (before
