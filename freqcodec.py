@@ -692,8 +692,8 @@ class MFCCUnits(nn.Module):
         self.sample_rate, self.hop, self.n_fft = cfg.sample_rate, cfg.hop, cfg.n_fft
         self.window = int(0.025 * cfg.sample_rate)  # 25 ms (HTK / Kaldi MFCC)
         self.register_buffer("mel", mel_filterbank(cfg.sample_rate, cfg.n_fft, 40, htk=True,
-                                                   norm=None))  # (40, N): 40 HTK bands
-        n, k = torch.arange(40.0), torch.arange(13.0)[:, None]
+                                                   norm=None))  # (40, N): 40 HTK bands (our choice)
+        n, k = torch.arange(40.0), torch.arange(13.0)[:, None]  # 13 cepstra + deltas = 39 (HuBERT)
         dct = torch.cos(math.pi / 40 * (n + 0.5) * k) * math.sqrt(2 / 40)  # DCT-II, orthonormal
         dct[0] /= math.sqrt(2)
         self.register_buffer("dct", dct)  # (13, 40)
@@ -706,7 +706,7 @@ class MFCCUnits(nn.Module):
         hann = torch.hann_window(self.window, device=wav.device)
         spec = torch.stft(wav.squeeze(1).float(), self.n_fft, self.hop, self.window, hann,
                           return_complex=True)  # (B, N, L), centred: L = 1 + T // hop
-        logmel = (self.mel @ spec.abs().pow(2)).clamp(min=1e-10).log()  # (B, 40, L)
+        logmel = (self.mel @ spec.abs().pow(2)).clamp(min=1e-10).log()  # (B, 40, L); floor: ours
         c = (self.dct @ logmel).transpose(1, 2)  # (B, L, 13)
         d = mfcc_deltas(c)
         return (torch.cat([c, d, mfcc_deltas(d)], dim=-1) - self.mean) / self.std
@@ -721,15 +721,15 @@ class MFCCUnits(nn.Module):
 
     @torch.no_grad()
     def fit(self, wavs, iters=30, seed=0):
-        """k-means (Lloyd, seeded random rows as the start) over the frames of `wavs`, a list of
-        (1, T) tensors. Returns the share of clusters used."""
+        """k-means (Lloyd, seeded random rows as the start; 30 iterations: our choice) over the
+        frames of `wavs`, a list of (1, T) tensors. Returns the share of clusters used."""
         self.fitted.zero_()
-        self.mean.zero_()
+        self.mean.zero_()  # features() then returns the raw features
         self.std.fill_(1)
         frames = torch.cat([self.features(w[None].to(self.mel.device))[0] for w in wavs])
-        self.mean.copy_(self.mean + self.std * frames.mean(0))  # features() used mean 0, std 1
-        self.std.copy_(self.std * frames.std(0).clamp(min=1e-5))
-        x = torch.cat([self.features(w[None].to(self.mel.device))[0] for w in wavs])  # (N, 39)
+        self.mean.copy_(frames.mean(0))
+        self.std.copy_(frames.std(0).clamp(min=1e-5))
+        x = (frames - self.mean) / self.std  # (N, 39), standardised as features() now does
         K = len(self.centroids)
         g = torch.Generator().manual_seed(seed)
         c = x[torch.randperm(len(x), generator=g)[:K].to(x.device)]

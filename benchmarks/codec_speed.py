@@ -26,13 +26,17 @@ def soundstream_model():
     return soundstream.SoundStream(soundstream.PRESETS["paper"][0])
 
 
-def encodec_model():
-    import encodec
-    model = encodec.EnCodec(encodec.PRESETS["24khz"][0])
-    for vq in model.quantizer.layers:  # random entries (untrained codebooks start at zero)
+def random_codebooks(model):
+    """Random entries in EnCodec-style codebooks, which start at zero until k-means."""
+    for vq in model.quantizer.layers:
         vq.embed.normal_()
         vq.inited.fill_(1)
     return model
+
+
+def encodec_model():
+    import encodec
+    return random_codebooks(encodec.EnCodec(encodec.PRESETS["24khz"][0]))
 
 
 def bigcodec_model():
@@ -61,11 +65,7 @@ class OfficialBigCodec(torch.nn.Module):
 
 def freqcodec_model():
     import freqcodec
-    model = freqcodec.FreqCodec(freqcodec.PRESETS["paper"][0])
-    for vq in model.quantizer.layers:  # random entries (untrained codebooks start at zero)
-        vq.embed.normal_()
-        vq.inited.fill_(1)
-    return model
+    return random_codebooks(freqcodec.FreqCodec(freqcodec.PRESETS["paper"][0]))
 
 
 class OfficialFreqCodec(torch.nn.Module):
