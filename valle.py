@@ -1,0 +1,207 @@
+"""
+VALL-E: Neural Codec Language Models are Zero-Shot Text to Speech Synthesizers, in one file.
+
+Wang, Chen, Wu, Zhang, Zhou, Liu, Chen, Liu, Wang, Li, He, Zhao, Wei. 2023. arXiv 2301.02111. No official code;
+reimplementations read: lifeiteng/vall-e (valle/models/valle.py, macros.py), enhuiz/vall-e, Plachtaa/VALL-E-X
+(reference/lms.md §1.3).
+
+WORK IN PROGRESS (branch wip/valle, issue 15): this file holds the generic LM parts that audiolm.py and
+audiogen.py will copy (transformer block with a KV cache, masks, samplers, the AR loop with per-row end tokens)
+and the AR model of the first codebook. Not yet here: the NAR model, the phoneme front end, training, the codec
+interface and tokens cache, the CLI, the evaluation. Nothing in README.md points here yet.
+
+Shapes: B batch, S sequence (phonemes then audio), X phonemes, Y audio frames, D model width, H heads, V vocab.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NAME = "valle"
+
+# -------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    """What rebuilds the model. Defaults: the paper's AR and NAR transformers (§4.1)."""
+    dim: int = 1024                # D = 1024 (§4.1)
+    heads: int = 16                # 16 attention heads (§4.1)
+    layers: int = 12               # 12 layers (§4.1)
+    ffn: int = 4096                # feed-forward 4096 (§4.1)
+    dropout: float = 0.1           # dropout 0.1 (§4.1)
+    text_vocab: int = 512          # phoneme ids (lifeiteng NUM_TEXT_TOKENS)
+    codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§4.1)
+    num_codebooks: int = 8         # (§4.1)
+    max_len: int = 4096            # longest sequence the positions cover
+
+
+# -------------------------------------------------------------------------------------------------
+# Generic LM parts: attention with a KV cache, the block, masks, sampling
+
+
+def prefix_lm_mask(prefix, total, device=None):
+    """(total, total) boolean mask, True where attention is allowed: the first `prefix` positions (the
+    phonemes) see each other in both directions and never the audio; each audio position sees every
+    phoneme and the audio up to itself (lifeiteng's x-bidirectional, y-causal mask)."""
+    i = torch.arange(total, device=device)
+    causal = i[None, :] <= i[:, None]  # (query, key)
+    in_prefix = i[None, :] < prefix
+    return causal | (in_prefix & (i[:, None] < prefix))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (scaled dot product) with an optional KV cache: `cache` is a dict that
+    holds the keys and values of earlier positions, (B, H, S_past, D/H) each, and is extended in place."""
+
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None, cache=None):  # x (B, S, D), mask (S, S_past + S) bool
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # (B, H, S, D/H) each
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer (lifeiteng norm_first): x + Attn(LN(x)), then x + FFN(LN(x)), with a
+    ReLU feed-forward of width `ffn` and dropout after each sub-layer."""
+
+    def __init__(self, dim, heads, ffn, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, cache=None):  # (B, S, D) -> (B, S, D)
+        x = x + self.drop(self.attn(self.norm1(x), mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+def sinusoids(length, dim, device=None):
+    """(length, dim) sine/cosine positions (Vaswani et al. 2017): sin on even, cos on odd channels."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return pe
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits (0: all) and the smallest set whose probabilities sum to at
+    least top_p (1.0: all); the others become -inf. logits (..., V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One id per row of logits (B, V): greedy at temperature 0, else multinomial over the filtered
+    softmax(logits / temperature)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+# -------------------------------------------------------------------------------------------------
+# The AR model (§3.3): phonemes as a bidirectional prefix, then the first codebook, causally
+
+
+class ARModel(nn.Module):
+    """Decoder-only transformer over [phonemes x ; first-codebook tokens y]. x and y have their own
+    embeddings and their own sinusoidal positions, each scaled by a learnt alpha (lifeiteng); the head
+    predicts the next audio token or the end token (id K)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, K = cfg.dim, cfg.codebook_size
+        self.eos = K
+        self.text_embedding = nn.Embedding(cfg.text_vocab, D)
+        self.audio_embedding = nn.Embedding(K + 1, D)  # + the end token
+        self.text_alpha, self.audio_alpha = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout)
+                                    for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, K + 1, bias=False)
+        self.register_buffer("pe", sinusoids(cfg.max_len, D), persistent=False)
+
+    def embed(self, text, audio, audio_offset=0):  # text (B, X), audio (B, Y) -> (B, X + Y, D)
+        parts = []
+        if text is not None:
+            parts.append(self.text_embedding(text) + self.text_alpha * self.pe[:text.shape[1]])
+        if audio is not None and audio.shape[1]:
+            Y = audio.shape[1]
+            pos = self.pe[audio_offset:audio_offset + Y]
+            parts.append(self.audio_embedding(audio) + self.audio_alpha * pos)
+        return self.drop(torch.cat(parts, dim=1))
+
+    def forward(self, text, audio):
+        """Logits (B, Y, K + 1) for the audio positions: the prediction at audio position t is of
+        token t + 1 (the first prediction, at the last phoneme, is of audio token 0)."""
+        X = text.shape[1]
+        h = self.embed(text, audio[:, :-1])  # the last audio token predicts nothing
+        mask = prefix_lm_mask(X, h.shape[1], h.device)
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.head(self.norm(h))[:, X - 1:]  # (B, Y, K + 1)
+
+    @torch.no_grad()
+    def generate(self, text, prompt, max_new, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                 generator=None):
+        """Continue the first-codebook `prompt` (B, P) after `text` (B, X) by up to `max_new` tokens.
+        Each row stops at its own end token (later positions hold K, the end id). Returns (B, max_new)
+        ids and the number of new tokens of each row (B,). With use_cache the keys and values of earlier
+        positions are kept (each step runs one position); without, every step recomputes all."""
+        B, X = text.shape
+        out = torch.full((B, max_new), self.eos, dtype=torch.long, device=text.device)
+        done = torch.zeros(B, dtype=torch.bool, device=text.device)
+        lengths = torch.full((B,), max_new, dtype=torch.long, device=text.device)
+        caches = [{} for _ in self.blocks] if use_cache else None
+        audio = prompt
+        for t in range(max_new):
+            if use_cache and t > 0:  # only the newest token
+                h = self.embed(None, audio[:, -1:], audio_offset=audio.shape[1] - 1)
+                mask = None  # a single query may see everything before it
+            else:
+                h = self.embed(text, audio)
+                mask = prefix_lm_mask(X, h.shape[1], h.device)
+            for i, block in enumerate(self.blocks):
+                h = block(h, mask, caches[i] if use_cache else None)
+            logits = self.head(self.norm(h[:, -1]))  # (B, K + 1)
+            token = sample(logits, temperature, top_k, top_p, generator)
+            token = torch.where(done, self.eos, token)
+            newly = (token == self.eos) & ~done
+            lengths = torch.where(newly, t, lengths)
+            done |= newly
+            out[:, t] = token
+            if done.all():
+                break
+            audio = torch.cat([audio, token[:, None]], dim=1)
+        return out, lengths
