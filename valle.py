@@ -78,21 +78,41 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
+class AdaptiveLayerNorm(nn.Module):
+    """§3.3 (NAR): "adaptive layer normalization" on the stage: LN without its own affine, then
+    gamma(c) * LN(h) + beta(c), with gamma and beta a linear map of the condition embedding c
+    (lifeiteng's AdaptiveLayerNorm)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.project = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, cond):  # x (B, S, D), cond (B, D)
+        gamma, beta = self.project(cond)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        return gamma * self.norm(x) + beta
+
+
 class Block(nn.Module):
     """Pre-norm transformer layer (lifeiteng norm_first): x + Attn(LN(x)), then x + FFN(LN(x)), with a
-    ReLU feed-forward of width `ffn` and dropout after each sub-layer."""
+    ReLU feed-forward of width `ffn` and dropout after each sub-layer. adaptive: both norms are
+    AdaptiveLayerNorm on `cond` (the NAR's stage)."""
 
-    def __init__(self, dim, heads, ffn, dropout):
+    def __init__(self, dim, heads, ffn, dropout, adaptive=False):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        norm = AdaptiveLayerNorm if adaptive else nn.LayerNorm
+        self.norm1, self.norm2 = norm(dim), norm(dim)
+        self.adaptive = adaptive
         self.attn = Attention(dim, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(ffn, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, cache=None):  # (B, S, D) -> (B, S, D)
-        x = x + self.drop(self.attn(self.norm1(x), mask, cache))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x, mask=None, cache=None, cond=None):  # (B, S, D) -> (B, S, D)
+        n1, n2 = ((lambda h: self.norm1(h, cond)), (lambda h: self.norm2(h, cond))) \
+            if self.adaptive else (self.norm1, self.norm2)
+        x = x + self.drop(self.attn(n1(x), mask, cache))
+        return x + self.drop(self.mlp(n2(x)))
 
 
 def sinusoids(length, dim, device=None):
@@ -205,3 +225,62 @@ class ARModel(nn.Module):
                 break
             audio = torch.cat([audio, token[:, None]], dim=1)
         return out, lengths
+
+# -------------------------------------------------------------------------------------------------
+# The NAR model (§3.3): codebooks 2..8, each from the ones before it, non-causally
+
+
+class NARModel(nn.Module):
+    """Non-autoregressive transformer for codebooks 1..Q-1 (0-based). At stage j the input is
+    [phonemes ; the prompt's codes summed over all Q codebooks ; the target's codes summed over
+    codebooks < j], attention is bidirectional, every norm is adaptive on the stage's embedding,
+    and the head of stage j predicts codebook j at the target positions. The head of codebook j
+    shares its weight with the input embedding of codebook j (lifeiteng share_embedding)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, K, Q = cfg.dim, cfg.codebook_size, cfg.num_codebooks
+        self.text_embedding = nn.Embedding(cfg.text_vocab, D)
+        self.audio_embeddings = nn.ModuleList(nn.Embedding(K, D) for _ in range(Q))
+        self.stage_embedding = nn.Embedding(Q, D)  # stages 1..Q-1 used
+        self.text_alpha, self.audio_alpha = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout, adaptive=True)
+                                    for _ in range(cfg.layers))
+        self.norm = AdaptiveLayerNorm(D)
+        self.register_buffer("pe", sinusoids(cfg.max_len, D), persistent=False)
+
+    def embed_codes(self, codes):  # (B, n, L) -> (B, L, D): the sum of the n codebooks' embeddings
+        return sum(self.audio_embeddings[k](codes[:, k]) for k in range(codes.shape[1]))
+
+    def forward(self, text, prompt, target, stage):
+        """Logits (B, Y, K) of codebook `stage` (B,) at the target positions. text (B, X), prompt
+        (B, Q, P) all codebooks, target (B, Q, Y) of which codebooks < stage are read (per row)."""
+        B, X = text.shape
+        P, Y = prompt.shape[-1], target.shape[-1]
+        Q = self.cfg.num_codebooks
+        seen = (torch.arange(Q, device=target.device)[None, :] < stage[:, None])  # (B, Q)
+        emb = torch.stack([self.audio_embeddings[k](target[:, k]) for k in range(Q)], 1)  # (B,Q,Y,D)
+        tgt = (emb * seen[:, :, None, None]).sum(1)  # (B, Y, D): codebooks < stage, per row
+        audio = torch.cat([self.embed_codes(prompt), tgt], dim=1) + self.audio_alpha * self.pe[:P + Y]
+        h = torch.cat([self.text_embedding(text) + self.text_alpha * self.pe[:X], audio], dim=1)
+        h = self.drop(h)
+        cond = self.stage_embedding(stage)  # (B, D)
+        for block in self.blocks:
+            h = block(h, cond=cond)
+        h = self.norm(h[:, X + P:], cond)  # (B, Y, D)
+        weight = torch.stack([e.weight for e in self.audio_embeddings])[stage]  # (B, K, D): tied
+        return torch.einsum("byd,bkd->byk", h, weight)
+
+    @torch.no_grad()
+    def generate(self, text, prompt, first):
+        """Greedy codebooks 1..Q-1 (§3.4: NAR greedy) for the first codebook `first` (B, Y) -> (B, Q, Y)."""
+        B, Y = first.shape
+        Q = self.cfg.num_codebooks
+        codes = torch.zeros(B, Q, Y, dtype=torch.long, device=first.device)
+        codes[:, 0] = first
+        for j in range(1, Q):
+            stage = torch.full((B,), j, dtype=torch.long, device=first.device)
+            codes[:, j] = self(text, prompt, codes, stage).argmax(dim=-1)
+        return codes

@@ -105,3 +105,57 @@ def test_sinusoids_by_hand():
     pe = valle.sinusoids(3, 4)
     assert torch.allclose(pe[0], torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert torch.allclose(pe[2], torch.tensor([math.sin(2), math.cos(2), math.sin(2 / 100), math.cos(2 / 100)]))
+
+
+def nar(seed=0):
+    torch.manual_seed(seed)
+    return valle.NARModel(CFG).eval()
+
+
+def test_nar_stage_reads_only_the_codebooks_below_it_and_the_whole_prompt():
+    m = nar()
+    text, prompt, target = torch.randint(20, (1, 3)), torch.randint(16, (1, 8, 5)), torch.randint(16, (1, 8, 6))
+    for j in (1, 4, 7):
+        stage = torch.tensor([j])
+        base = m(text, prompt, target, stage)
+        later = target.clone()
+        later[:, j:] = (later[:, j:] + 3) % 16  # codebooks >= j: not inputs of stage j
+        assert torch.equal(m(text, prompt, later, stage), base)
+        earlier = target.clone()
+        earlier[:, j - 1] = (earlier[:, j - 1] + 3) % 16
+        assert not torch.allclose(m(text, prompt, earlier, stage), base)
+        p2 = prompt.clone()
+        p2[:, 7] = (p2[:, 7] + 3) % 16  # the prompt enters with all its codebooks
+        assert not torch.allclose(m(text, p2, target, stage), base)
+
+
+def test_nar_stage_is_per_row_and_conditions_the_norms():
+    m = nar()
+    text, prompt, target = torch.randint(20, (2, 3)), torch.randint(16, (2, 8, 5)), torch.randint(16, (2, 8, 6))
+    both = m(text, prompt, target, torch.tensor([2, 6]))
+    torch.testing.assert_close(both[:1], m(text[:1], prompt[:1], target[:1], torch.tensor([2])))
+    torch.testing.assert_close(both[1:], m(text[1:], prompt[1:], target[1:], torch.tensor([6])))
+    # the stage embedding alone changes the output: same inputs (all codebooks >= 1 zero), stages 1 and 2 differ
+    # only through codebook 1's embedding and the adaptive norms; zero codebook 1's weight to isolate the norms
+    t = target.clone()
+    t[:, 1:] = 0
+    with torch.no_grad():
+        m.audio_embeddings[1].weight.zero_()
+        m.audio_embeddings[2].weight.copy_(torch.randn(16, CFG.dim))
+    a = m(text, prompt, t, torch.tensor([2, 2]))
+    with torch.no_grad():
+        m.stage_embedding.weight[2] += 1.0
+    assert not torch.allclose(m(text, prompt, t, torch.tensor([2, 2])), a)
+
+
+def test_nar_heads_are_tied_to_the_next_stages_input_embedding():
+    m = nar()
+    text, target = torch.randint(20, (1, 3)), torch.randint(16, (1, 8, 6))
+    prompt = torch.zeros(1, 8, 0, dtype=torch.long)  # no prompt: codebook 3's embedding is no input of stage 3
+    stage = torch.tensor([3])
+    before = m(text, prompt, target, stage)
+    with torch.no_grad():  # ... but its output layer
+        m.audio_embeddings[3].weight.mul_(2)
+    torch.testing.assert_close(m(text, prompt, target, stage), 2 * before)
+    codes = m.generate(text, prompt, target[:, 0])
+    assert codes.shape == (1, 8, 6) and torch.equal(codes[:, 0], target[:, 0])
