@@ -13,14 +13,25 @@ interface and tokens cache, the CLI, the evaluation. Nothing in README.md points
 Shapes: B batch, S sequence (phonemes then audio), X phonemes, Y audio frames, D model width, H heads, V vocab.
 """
 
+import hashlib
+import importlib
 import math
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.audio import load
+from common.data import demo_manifest, read_manifest
+
 NAME = "valle"
+CODEC_CLASSES = {"encodec": "EnCodec", "soundstream": "SoundStream", "freqcodec": "FreqCodec",
+                 "bigcodec": "BigCodec"}  # checkpoint "model" name -> the codec file's class
 
 # -------------------------------------------------------------------------------------------------
 # Configuration
@@ -284,3 +295,101 @@ class NARModel(nn.Module):
             stage = torch.full((B,), j, dtype=torch.long, device=first.device)
             codes[:, j] = self(text, prompt, codes, stage).argmax(dim=-1)
         return codes
+
+# -------------------------------------------------------------------------------------------------
+# Phonemes (§3.1: "phoneme sequence" from G2P): espeak-ng IPA, or the manifest's
+
+
+WORD = " "  # the word-boundary symbol between the phones of two words
+
+
+def phoneme_symbols(phonemes):
+    """The manifest's format (phones of a word joined by '_', words separated by spaces) -> symbols,
+    with WORD between words: "h_ə l_oʊ" -> ['h', 'ə', ' ', 'l', 'oʊ']."""
+    out = []
+    for i, word in enumerate(phonemes.split()):
+        if i:
+            out.append(WORD)
+        out += [s for s in word.split("_") if s]
+    return out
+
+
+def phonemize(text):
+    """espeak-ng IPA of new text, in the manifest's format (the command data/make_demo_corpus.py
+    used), or a one-line error when the engine is not installed."""
+    if not text or not text.strip():
+        raise ValueError("the text is empty")
+    if shutil.which("espeak-ng") is None:
+        raise ValueError("espeak-ng is not installed, and new text needs it for its phonemes "
+                         "(apt-get install espeak-ng), or pass the phonemes themselves")
+    out = subprocess.run(["espeak-ng", "-q", "--ipa", "--sep=_", "-v", "en-us", "--", text],
+                         capture_output=True, text=True, check=True).stdout
+    words = (re.sub("_+", "_", w).strip("_") for w in out.split())
+    return " ".join(w for w in words if w)
+
+
+class PhonemeVocab:
+    """Symbol <-> id; id 0 is padding. Built from the training manifest's phonemes, saved with the
+    model (its symbol list), so that text the model cannot read gets a clear error."""
+
+    def __init__(self, symbols):
+        self.symbols = ["<pad>"] + sorted(set(symbols) - {"<pad>"})
+        self.ids = {s: i for i, s in enumerate(self.symbols)}
+
+    @classmethod
+    def from_entries(cls, entries):
+        return cls(s for e in entries for s in phoneme_symbols(e.get("phonemes", "")))
+
+    def encode(self, phonemes):  # manifest-format phonemes -> (X,) int64
+        symbols = phoneme_symbols(phonemes)
+        if not symbols:
+            raise ValueError("the text has no phonemes")
+        unknown = sorted({s for s in symbols if s not in self.ids})
+        if unknown:
+            raise ValueError(f"the text has symbols this model's vocabulary lacks: "
+                             f"{' '.join(unknown)} (it knows {len(self.symbols) - 1})")
+        return torch.tensor([self.ids[s] for s in symbols])
+
+# -------------------------------------------------------------------------------------------------
+# Codec tokens: any codec checkpoint of the project, through the codec interface, cached on disk
+
+
+def load_codec(path):
+    """A codec file's model.pt -> (its model in eval mode, its module name). The checkpoint's
+    "model" field names the codec file; a checkpoint of another kind gets a one-line error."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"codec checkpoint {path} not found")
+    try:
+        kind = torch.load(path, map_location="cpu", weights_only=True).get("model")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(e).__name__})") from None
+    if kind not in CODEC_CLASSES:
+        raise ValueError(f"{path} is a {kind!r} checkpoint, not a codec's (one of "
+                         f"{', '.join(CODEC_CLASSES)})")
+    module = importlib.import_module(kind)  # the codec file whose tokens the LM models
+    model = getattr(module, CODEC_CLASSES[kind]).load(path)
+    if model.num_codebooks < 2:
+        raise ValueError(f"{path}: a {kind} with {model.num_codebooks} codebook; VALL-E needs at "
+                         f"least 2 (the AR's first, the NAR's others)")
+    return model, kind
+
+
+@torch.no_grad()
+def token_cache(codec, codec_path, entries, cache_dir):
+    """Codes (Q, F) int16 of every entry's audio, computed once and kept in cache_dir/<key>.pt,
+    keyed by the codec file's bytes and the audio paths: a new codec or a new corpus recomputes.
+    Returns {path: codes}."""
+    key = hashlib.sha256(Path(codec_path).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256((key + "".join(e["path"] for e in entries)).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"tokens-{key}.pt"
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    codes = {}
+    for e in entries:
+        wav = load(e["path"], codec.sample_rate, codec.channels)[0]
+        sent = codec.encode(wav[None])
+        codes[e["path"]] = getattr(sent, "codes", sent)[0].to(torch.int16)  # (Q, F)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(codes, cache)
+    return codes
