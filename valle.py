@@ -193,15 +193,26 @@ class ARModel(nn.Module):
             parts.append(self.audio_embedding(audio) + self.audio_alpha * pos)
         return self.drop(torch.cat(parts, dim=1))
 
-    def forward(self, text, audio):
+    def forward(self, text, audio, text_lengths=None):
         """Logits (B, Y, K + 1) for the audio positions: the prediction at audio position t is of
-        token t + 1 (the first prediction, at the last phoneme, is of audio token 0)."""
-        X = text.shape[1]
+        token t (read at position t - 1; the first, at the last phoneme slot, is of audio token 0).
+        text_lengths (B,): rows whose phonemes are right-padded (id 0) to X; their padding is never
+        attended to, and their first prediction is read at the last real phoneme."""
+        B, X = text.shape
         h = self.embed(text, audio[:, :-1])  # the last audio token predicts nothing
-        mask = prefix_lm_mask(X, h.shape[1], h.device)
+        mask = prefix_lm_mask(X, h.shape[1], h.device)  # (S, S)
+        if text_lengths is not None:
+            real = torch.arange(h.shape[1], device=h.device)[None, :] >= X  # audio keys
+            real = real | (torch.arange(h.shape[1], device=h.device)[None, :]
+                           < text_lengths[:, None])  # (B, S): keys that are no padding
+            mask = (mask[None] & real[:, None, :])[:, None]  # (B, 1, S, S)
         for block in self.blocks:
             h = block(h, mask)
-        return self.head(self.norm(h))[:, X - 1:]  # (B, Y, K + 1)
+        logits = self.head(self.norm(h))  # (B, S, K + 1)
+        if text_lengths is None:
+            return logits[:, X - 1:]
+        first = logits[torch.arange(B), text_lengths - 1][:, None]  # at the last real phoneme
+        return torch.cat([first, logits[:, X:]], dim=1)  # (B, Y, K + 1)
 
     @torch.no_grad()
     def generate(self, text, prompt, max_new, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
@@ -393,3 +404,30 @@ def token_cache(codec, codec_path, entries, cache_dir):
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(codes, cache)
     return codes
+
+# -------------------------------------------------------------------------------------------------
+# Sequence layouts and losses (§3.3)
+
+
+def ar_batch(texts, prompts, targets, eos):
+    """Lists of phoneme ids (X_i,), prompt first-codebook tokens (P_i,) and target ones (Y_i,) ->
+    text (B, X) right-padded with 0, text_lengths (B,), audio (B, A) = [prompt ; target ; end]
+    right-padded with the end id, and loss_mask (B, A): True on the target tokens and the end
+    token, the positions the AR is trained to predict (the prompt is given, not predicted)."""
+    B = len(texts)
+    X = max(len(t) for t in texts)
+    A = max(len(p) + len(y) + 1 for p, y in zip(prompts, targets))
+    text = torch.zeros(B, X, dtype=torch.long)
+    audio = torch.full((B, A), eos, dtype=torch.long)
+    loss_mask = torch.zeros(B, A, dtype=torch.bool)
+    for i, (t, p, y) in enumerate(zip(texts, prompts, targets)):
+        text[i, :len(t)] = t
+        audio[i, :len(p)], audio[i, len(p):len(p) + len(y)] = p, y
+        loss_mask[i, len(p):len(p) + len(y) + 1] = True
+    return text, torch.tensor([len(t) for t in texts]), audio, loss_mask
+
+
+def ar_loss(model, text, text_lengths, audio, loss_mask):
+    """Mean cross-entropy of the AR's predictions at the loss_mask positions."""
+    logits = model(text, audio, text_lengths)  # (B, A, K + 1)
+    return F.cross_entropy(logits[loss_mask], audio[loss_mask])

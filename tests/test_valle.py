@@ -159,3 +159,39 @@ def test_nar_heads_are_tied_to_the_next_stages_input_embedding():
     torch.testing.assert_close(m(text, prompt, target, stage), 2 * before)
     codes = m.generate(text, prompt, target[:, 0])
     assert codes.shape == (1, 8, 6) and torch.equal(codes[:, 0], target[:, 0])
+
+
+def naive_ar_layout(text, prompt, target, eos):
+    """The layout written out for one row: [phonemes] then [prompt ; target ; end], the loss on target and end."""
+    audio = list(prompt) + list(target) + [eos]
+    return list(text), audio, [False] * len(prompt) + [True] * (len(target) + 1)
+
+
+def test_ar_batch_matches_a_naive_loop():
+    rows = [([3, 4], [1, 2, 3], [5, 6]), ([7], [], [8, 9, 10, 11]), ([1, 2, 3, 4], [12], [13])]
+    text, lengths, audio, mask = valle.ar_batch([torch.tensor(r[0]) for r in rows],
+                                                [torch.tensor(r[1], dtype=torch.long) for r in rows],
+                                                [torch.tensor(r[2]) for r in rows], eos=16)
+    assert lengths.tolist() == [2, 1, 4]
+    for i, (t, p, y) in enumerate(rows):
+        nt, na, nm = naive_ar_layout(t, p, y, 16)
+        assert text[i, :len(nt)].tolist() == nt and (text[i, len(nt):] == 0).all()
+        assert audio[i, :len(na)].tolist() == na and (audio[i, len(na):] == 16).all()
+        assert mask[i, :len(nm)].tolist() == nm and not mask[i, len(nm):].any()
+
+
+def test_padding_changes_no_row_of_the_ar_loss():
+    m = model()
+    rows = [(torch.randint(1, 20, (3,)), torch.randint(16, (4,)), torch.randint(16, (5,))),
+            (torch.randint(1, 20, (6,)), torch.randint(16, (2,)), torch.randint(16, (9,)))]
+    text, lengths, audio, mask = valle.ar_batch(*zip(*rows), eos=16)
+    both = m(text, audio, lengths)
+    for i, (t, p, y) in enumerate(rows):
+        ti, li, ai, mi = valle.ar_batch([t], [p], [y], eos=16)
+        alone = m(ti, ai, li)
+        n = ai.shape[1]
+        torch.testing.assert_close(both[i, :n][mi[0]], alone[0][mi[0]], atol=1e-5, rtol=1e-5)
+    # and the unpadded call agrees with the padded one on a full-length row
+    torch.testing.assert_close(m(text[1:], audio[1:])[:, :], both[1:], atol=1e-5, rtol=1e-5)
+    loss = valle.ar_loss(m, text, lengths, audio, mask)
+    assert math.isclose(loss.item(), torch.nn.functional.cross_entropy(both[mask], audio[mask]).item(), rel_tol=1e-6)
