@@ -276,21 +276,30 @@ class NARModel(nn.Module):
     def embed_codes(self, codes):  # (B, n, L) -> (B, L, D): the sum of the n codebooks' embeddings
         return sum(self.audio_embeddings[k](codes[:, k]) for k in range(codes.shape[1]))
 
-    def forward(self, text, prompt, target, stage):
+    def forward(self, text, prompt, target, stage, lengths=None):
         """Logits (B, Y, K) of codebook `stage` (B,) at the target positions. text (B, X), prompt
-        (B, Q, P) all codebooks, target (B, Q, Y) of which codebooks < stage are read (per row)."""
+        (B, Q, P) all codebooks, target (B, Q, Y) of which codebooks < stage are read (per row).
+        lengths: (text, prompt, target) lengths (B,) each, for right-padded rows: padding is never
+        attended to, and a row's target positions continue its own prompt's."""
         B, X = text.shape
         P, Y = prompt.shape[-1], target.shape[-1]
-        Q = self.cfg.num_codebooks
-        seen = (torch.arange(Q, device=target.device)[None, :] < stage[:, None])  # (B, Q)
+        Q, dev = self.cfg.num_codebooks, target.device
+        seen = (torch.arange(Q, device=dev)[None, :] < stage[:, None])  # (B, Q)
         emb = torch.stack([self.audio_embeddings[k](target[:, k]) for k in range(Q)], 1)  # (B,Q,Y,D)
         tgt = (emb * seen[:, :, None, None]).sum(1)  # (B, Y, D): codebooks < stage, per row
-        audio = torch.cat([self.embed_codes(prompt), tgt], dim=1) + self.audio_alpha * self.pe[:P + Y]
-        h = torch.cat([self.text_embedding(text) + self.text_alpha * self.pe[:X], audio], dim=1)
+        p_len = lengths[1] if lengths is not None else torch.full((B,), P, device=dev)
+        tgt_pos = self.pe[p_len[:, None] + torch.arange(Y, device=dev)[None]]  # (B, Y, D)
+        h = torch.cat([self.text_embedding(text) + self.text_alpha * self.pe[:X],
+                       self.embed_codes(prompt) + self.audio_alpha * self.pe[:P],
+                       tgt + self.audio_alpha * tgt_pos], dim=1)
         h = self.drop(h)
+        mask = None
+        if lengths is not None:  # keys that are no padding, in each of the three parts
+            keep = [torch.arange(n, device=dev)[None] < l[:, None] for n, l in zip((X, P, Y), lengths)]
+            mask = torch.cat(keep, dim=1)[:, None, None, :]  # (B, 1, 1, S)
         cond = self.stage_embedding(stage)  # (B, D)
         for block in self.blocks:
-            h = block(h, cond=cond)
+            h = block(h, mask, cond=cond)
         h = self.norm(h[:, X + P:], cond)  # (B, Y, D)
         weight = torch.stack([e.weight for e in self.audio_embeddings])[stage]  # (B, K, D): tied
         return torch.einsum("byd,bkd->byk", h, weight)
@@ -431,3 +440,28 @@ def ar_loss(model, text, text_lengths, audio, loss_mask):
     """Mean cross-entropy of the AR's predictions at the loss_mask positions."""
     logits = model(text, audio, text_lengths)  # (B, A, K + 1)
     return F.cross_entropy(logits[loss_mask], audio[loss_mask])
+
+
+def nar_batch(texts, prompts, targets):
+    """Lists of phoneme ids (X_i,), prompt codes (Q, P_i) and target codes (Q, Y_i) -> text (B, X),
+    prompt (B, Q, P), target (B, Q, Y), each right-padded with 0, and their lengths (3 x (B,))."""
+    B, Q = len(texts), targets[0].shape[0]
+    dims = [max(len(t) for t in texts), max(p.shape[-1] for p in prompts),
+            max(y.shape[-1] for y in targets)]
+    text = torch.zeros(B, dims[0], dtype=torch.long)
+    prompt = torch.zeros(B, Q, dims[1], dtype=torch.long)
+    target = torch.zeros(B, Q, dims[2], dtype=torch.long)
+    for i, (t, p, y) in enumerate(zip(texts, prompts, targets)):
+        text[i, :len(t)], prompt[i, :, :p.shape[-1]], target[i, :, :y.shape[-1]] = t, p, y
+    lengths = tuple(torch.tensor(v) for v in ([len(t) for t in texts],
+                                              [p.shape[-1] for p in prompts],
+                                              [y.shape[-1] for y in targets]))
+    return text, prompt, target, lengths
+
+
+def nar_loss(model, text, prompt, target, lengths, stage):
+    """Mean cross-entropy of codebook `stage` (B,) over each row's real target frames."""
+    logits = model(text, prompt, target, stage, lengths)  # (B, Y, K)
+    truth = target[torch.arange(len(stage)), stage]  # (B, Y): codebook `stage` of each row
+    real = torch.arange(target.shape[-1])[None] < lengths[2][:, None]
+    return F.cross_entropy(logits[real], truth[real])

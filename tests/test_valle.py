@@ -195,3 +195,19 @@ def test_padding_changes_no_row_of_the_ar_loss():
     torch.testing.assert_close(m(text[1:], audio[1:])[:, :], both[1:], atol=1e-5, rtol=1e-5)
     loss = valle.ar_loss(m, text, lengths, audio, mask)
     assert math.isclose(loss.item(), torch.nn.functional.cross_entropy(both[mask], audio[mask]).item(), rel_tol=1e-6)
+
+
+def test_padding_changes_no_row_of_the_nar_logits():
+    m = nar()
+    rows = [(torch.randint(1, 20, (3,)), torch.randint(16, (8, 4)), torch.randint(16, (8, 5))),
+            (torch.randint(1, 20, (6,)), torch.randint(16, (8, 2)), torch.randint(16, (8, 9)))]
+    text, prompt, target, lengths = valle.nar_batch(*zip(*rows))
+    stage = torch.tensor([3, 6])
+    both = m(text, prompt, target, stage, lengths)
+    for i, (t, p, y) in enumerate(rows):
+        alone = m(t[None], p[None], y[None], stage[i:i + 1])
+        torch.testing.assert_close(both[i, :y.shape[-1]], alone[0], atol=1e-5, rtol=1e-5)
+    loss = valle.nar_loss(m, text, prompt, target, lengths, stage)
+    flat = torch.cat([both[0, :5], both[1, :9]])
+    truth = torch.cat([target[0, 3, :5], target[1, 6, :9]])
+    assert math.isclose(loss.item(), torch.nn.functional.cross_entropy(flat, truth).item(), rel_tol=1e-6)
