@@ -13,16 +13,24 @@ interface and tokens cache, the CLI, the evaluation. Nothing in README.md points
 Shapes: B batch, S sequence (phonemes then audio), X phonemes, Y audio frames, D model width, H heads, V vocab.
 """
 
+import dataclasses
 import hashlib
 import importlib
 import math
+import os
+import random
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -49,6 +57,39 @@ class Config:
     codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§4.1)
     num_codebooks: int = 8         # (§4.1)
     max_len: int = 4096            # longest sequence the positions cover
+
+
+@dataclass
+class TrainConfig:
+    """How both stages are trained: data, tokens, optimiser and the run."""
+    codec: str = "checkpoints/encodec_16khz_8x256.pt"  # the tokenizer (the paper: EnCodec 24 kHz)
+    prompt_seconds: float = 3.0    # the prompt: 3 s of another utterance of the speaker (§4.1)
+    max_text: int = 256            # phonemes per example (longer ones are refused)
+    max_seconds: float = 20.0      # target audio per example (§4.1: 10-20 s crops)
+    lr: float = 5e-4               # AdamW (our choice; lifeiteng: ScaledAdam 0.05)
+    betas: tuple[float, ...] = (0.9, 0.95)  # (our choice)
+    weight_decay: float = 0.01     # (our choice)
+    grad_clip: float = 1.0         # (our choice)
+    batch_size: int = 16           # examples per step (the paper: 6k tokens per GPU)
+    data: str = ""                 # a .jsonl manifest with text, phonemes, speaker; "": the demo corpus
+    out: str = "runs/valle"        # checkpoints, log, token cache
+    steps: int = 800_000           # 800k steps (§4.1)
+    seed: int = 0
+    log_every: int = 100
+    sample_every: int = 10 ** 9    # no samples during training yet (WIP)
+    ckpt_every: int = 5000
+    num_workers: int = 0
+    threads: int = 0               # CPU threads; 0: the idle cores
+
+
+PRESETS = {
+    "paper": (Config(), TrainConfig()),
+    # CPU sketch (WIP): narrow and shallow, on the shipped 8 x 256 EnCodec tokenizer (50 Hz)
+    "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.1, text_vocab=128,
+                    codebook_size=256, max_len=1024),
+             TrainConfig(prompt_seconds=1.0, max_text=200, max_seconds=8.0, lr=1e-3, batch_size=8,
+                         out="runs/valle_tiny", steps=2000, log_every=50, ckpt_every=500)),
+}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -465,3 +506,371 @@ def nar_loss(model, text, prompt, target, lengths, stage):
     truth = target[torch.arange(len(stage)), stage]  # (B, Y): codebook `stage` of each row
     real = torch.arange(target.shape[-1])[None] < lengths[2][:, None]
     return F.cross_entropy(logits[real], truth[real])
+
+# -------------------------------------------------------------------------------------------------
+# Training infrastructure: the generic parts (marked copies of soundstream.py, tests/test_copies.py)
+
+
+# Copied from soundstream.py: setup_distributed
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # gloo on CPU
+    return rank, world, device
+
+
+# Copied from soundstream.py: busy_cores
+def busy_cores():
+    """Cores that other processes keep busy now: /proc/stat sampled 0.2 s apart (Linux), else
+    the 1-minute load average."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(0.2), sample()
+        return round(os.cpu_count() * (1 - (idle1 - idle0) / max(1, all1 - all0)))
+    except (OSError, IndexError, ValueError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
+# Copied from soundstream.py: pick_threads
+def pick_threads(requested, world=1):
+    """CPU threads for this process: `requested`, or with 0 the cores other processes leave
+    idle. torch's threads spin-wait for one another: two threads on a 2-core machine with one
+    busy core ran 10-20 times slower than one thread (measured here). Returns (threads, why)."""
+    if requested:
+        return requested, ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = min(busy_cores(), cores - 1)
+    why = f" ({busy} of {cores} cores busy with other work)" if busy else ""
+    return max(1, (cores - busy) // world), why
+
+
+# Copied from soundstream.py: rng_state
+def rng_state():
+    """Every RNG a step could touch, as tensors and plain types (loadable with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+# Copied from soundstream.py: set_rng_state
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Copied from soundstream.py: atomic_save
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# Copied from soundstream.py: load_checkpoint
+def load_checkpoint(path, map_location="cpu"):
+    """A model.pt or ckpt.pt of this file's model, loaded as data (weights_only), or one line
+    that says what is wrong with it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's own message (advice to set weights_only=False) misleads
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(e).__name__}); expected --train's model.pt or ckpt.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("model") != NAME:
+        kind = ckpt.get("model", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is a {kind!r} checkpoint, not a {NAME!r} one")
+    return ckpt
+
+
+# Copied from soundstream.py: config_from_dict
+def config_from_dict(cls, d, path="checkpoint"):
+    """Rebuild a config dataclass; a field it does not know is named in a one-line error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} field(s) {', '.join(unknown)} "
+                         f"(written by another version of {Path(__file__).name}?)")
+    return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items()})
+
+
+# Copied from soundstream.py: batches_for_epoch
+def batches_for_epoch(n_items, batch_size, epoch, seed, rank, world):
+    """Index batches of one epoch: a seeded permutation split over ranks (as DistributedSampler),
+    full batches only. Deterministic: a resumed run continues with the batch it would have seen."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = batch_size // world
+    n_batches = n_items // (per_rank * world)
+    if n_batches == 0:
+        raise ValueError(f"{n_items} training files are fewer than one batch of {batch_size}")
+    return [perm[(b * world + rank) * per_rank:(b * world + rank + 1) * per_rank]
+            for b in range(n_batches)]
+
+
+# Copied from soundstream.py: log_line
+def log_line(step, total, stats, seconds_per_step):
+    """One fixed-format line: every number of `stats` (lists are joined with '/')."""
+    def fmt(v):
+        return "/".join(f"{u:.3g}" for u in v) if isinstance(v, list) else f"{v:.4g}"
+    parts = " | ".join(f"{k} {fmt(v)}" for k, v in stats.items())
+    return f"step {step}/{total} | {parts} | {seconds_per_step:.2f} s/step"
+
+
+# Copied from soundstream.py: fit
+def fit(trainer, run, dataset, interrupt_after=None):
+    """The training loop around `trainer.step(batch, diagnose)`. Ctrl-C or SIGTERM finishes the
+    step, saves and leaves; every rank takes the same decisions (all-reduced flags), and an error
+    on rank 0 (logging, samples, saving) stops every rank instead of leaving them waiting in a
+    collective. Returns the stats of every step this process ran. interrupt_after: stop as if
+    interrupted after that many steps (for the tests)."""
+    out, master = Path(run.out), trainer.rank == 0
+    stop = {"now": False}
+
+    def request_stop(signum, frame):
+        stop["now"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    per_epoch = len(batches_for_epoch(len(dataset), run.batch_size, 0, run.seed, 0, trainer.world))
+    progress = None
+    if master and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=run.steps, initial=trainer.step_count, dynamic_ncols=True)
+    history, t_last, n_last = [], time.time(), trainer.step_count
+    try:
+        while trainer.step_count < run.steps and not stop["now"]:
+            epoch, offset = divmod(trainer.step_count, per_epoch)
+            dataset.set_epoch(epoch)
+            batches = batches_for_epoch(len(dataset), run.batch_size, epoch, run.seed,
+                                        trainer.rank, trainer.world)[offset:]
+            # a private generator: a DataLoader iterator must not draw from the global RNG, or a
+            # resumed run (which creates one mid-epoch) would drift from the uninterrupted one
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, num_workers=run.num_workers,
+                generator=torch.Generator().manual_seed(run.seed + epoch))
+            for batch in loader:
+                step = trainer.step_count + 1
+                log_now = step % run.log_every == 0 or step == run.steps or step == 1
+                stats = trainer.step(batch, diagnose=log_now)
+                history.append(stats)
+                leave = stop["now"] or step >= run.steps or len(history) == interrupt_after
+                # losses only: gradient norms (|...|) are inf on an fp16 step that GradScaler skips
+                finite = all(math.isfinite(v) for k, v in stats.items()
+                             if not isinstance(v, list) and not k.startswith("|"))
+                error = None
+                if master:  # rank 0's own work; its failure is shared through `flags`
+                    try:
+                        if progress:
+                            progress.update(1)
+                        if log_now:
+                            dt = (time.time() - t_last) / max(1, step - n_last)
+                            t_last, n_last = time.time(), step
+                            line = log_line(step, run.steps, stats, dt)
+                            with open(out / "log.txt", "a") as f:
+                                f.write(line + "\n")
+                            (progress.write if progress else print)(line)
+                        if step % run.sample_every == 0:
+                            trainer.write_sample(out / "samples" / f"step{step:07d}")
+                    except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+                        error = e
+                flags = torch.tensor([leave, not finite, error is not None], dtype=torch.float32,
+                                     device=trainer.device)
+                if trainer.world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[2]:
+                    # no local may keep the exception: a frame that holds the exception it
+                    # raises is a cycle that keeps the trainer and gloo's threads alive until
+                    # exit, where they abort the process (SIGABRT, 1 run in 8 before this)
+                    failure, error = error or RuntimeError("rank 0 failed; see its message"), None
+                    try:
+                        raise failure
+                    finally:
+                        del failure
+                if flags[1]:
+                    raise FloatingPointError(f"training diverged: non-finite loss at step {step} "
+                                             f"({stats}); the last checkpoint is {out / 'ckpt.pt'}")
+                if step % run.ckpt_every == 0 or flags[0]:
+                    save_checkpoint(trainer, out)  # an interrupted run keeps everything so far
+                if flags[0]:
+                    stop["now"] = True
+                    break
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        if progress:
+            progress.close()
+    return history
+
+
+# Copied from soundstream.py: save_checkpoint
+def save_checkpoint(trainer, out):
+    """OUT/ckpt.pt (resume) and OUT/model.pt (inference), by rank 0; every rank must call it."""
+    state = trainer.state_dict()
+    if trainer.rank == 0:
+        atomic_save(state, Path(out) / "ckpt.pt")
+        trainer.model.save(Path(out) / "model.pt")
+
+# -------------------------------------------------------------------------------------------------
+# Training: the model-specific part (WIP)
+
+
+class VALLE(nn.Module):
+    """Both stages, the phoneme vocabulary and the codec they speak (its checkpoint path)."""
+
+    def __init__(self, cfg, symbols, codec_path):
+        super().__init__()
+        self.cfg, self.symbols, self.codec_path = cfg, list(symbols), str(codec_path)
+        self.vocab = PhonemeVocab(self.symbols[1:])
+        self.ar, self.nar = ARModel(cfg), NARModel(cfg)
+        for m in self.modules():  # GPT-2's init (our choice): N(0, 0.02) weights, zero biases; the
+            if isinstance(m, (nn.Linear, nn.Embedding)):  # NAR's tied heads start near uniform
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def save(self, path):
+        atomic_save({"model": NAME, "config": dataclasses.asdict(self.cfg), "symbols": self.symbols,
+                     "codec": self.codec_path, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu"):
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(config_from_dict(Config, ckpt["config"], path), ckpt["symbols"], ckpt["codec"])
+        model.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt["generator"])
+        return model.eval()
+
+
+class TTSDataset(torch.utils.data.Dataset):
+    """Examples of equal shape (so that the generic fit's DataLoader stacks them): the phoneme ids,
+    the target's codes and a prompt of `prompt_frames` from another utterance of the same speaker
+    (a random window, drawn from (seed, epoch, index)), each right-padded, with their lengths."""
+
+    def __init__(self, entries, codes, vocab, cfg, run, frame_rate, seed=0):
+        self.max_text, self.Q = run.max_text, cfg.num_codebooks
+        self.max_frames = int(run.max_seconds * frame_rate)
+        self.prompt_frames = int(run.prompt_seconds * frame_rate)
+        items = [(vocab.encode(e["phonemes"]), codes[e["path"]].long(), e["speaker"])
+                 for e in entries]
+        self.items = [it for it in items
+                      if len(it[0]) <= self.max_text and it[1].shape[-1] <= self.max_frames]
+        if len(self.items) < len(items):
+            print(f"note: {len(items) - len(self.items)} of {len(items)} utterances are longer than "
+                  f"max_text {self.max_text} phonemes or max_seconds {run.max_seconds:g}: left out")
+        self.by_speaker = {}
+        for i, (_, _, s) in enumerate(self.items):
+            self.by_speaker.setdefault(s, []).append(i)
+        lonely = sorted(s for s, v in self.by_speaker.items() if len(v) < 2)
+        if lonely:
+            raise ValueError(f"speakers with one utterance have no prompt: {', '.join(lonely)}")
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2 ** 62)
+        text, codes, speaker = self.items[i]
+        others = [j for j in self.by_speaker[speaker] if j != i]
+        prompt = self.items[others[int(torch.randint(len(others), (1,), generator=g))]][1]
+        n = min(self.prompt_frames, prompt.shape[-1])
+        start = int(torch.randint(prompt.shape[-1] - n + 1, (1,), generator=g))
+        pad = lambda x, L: F.pad(x, (0, L - x.shape[-1]))  # noqa: E731
+        return {"text": pad(text, self.max_text), "text_len": torch.tensor(len(text)),
+                "prompt": pad(prompt[:, start:start + n], self.prompt_frames),
+                "prompt_len": torch.tensor(n), "target": pad(codes, self.max_frames),
+                "target_len": torch.tensor(codes.shape[-1])}
+
+
+class Trainer:
+    """The AR and NAR transformers and their optimisers; step() updates both on one batch."""
+
+    def __init__(self, cfg, run, symbols, rank=0, world=1, device="cpu"):
+        self.cfg, self.run, self.rank, self.world = cfg, run, rank, world
+        self.device = torch.device(device)
+        torch.manual_seed(run.seed)
+        self.model = VALLE(cfg, symbols, run.codec).to(self.device)
+        kw = dict(lr=run.lr, betas=tuple(run.betas), weight_decay=run.weight_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), **kw)
+        self.step_count = 0
+
+    def step(self, batch, diagnose=False):
+        """One update of both stages: the AR's cross-entropy on the target's first codebook and its
+        end token, and the NAR's on one codebook per example, drawn uniformly from 1..Q-1."""
+        self.model.train()
+        b = {k: v.to(self.device) for k, v in batch.items()}
+        B = len(b["text"])
+        X, P, Y = (int(b[k].max()) for k in ("text_len", "prompt_len", "target_len"))
+        text, prompt, target = b["text"][:, :X], b["prompt"][..., :P], b["target"][..., :Y]
+        texts = [text[i, :b["text_len"][i]] for i in range(B)]
+        prompts = [prompt[i, :, :b["prompt_len"][i]] for i in range(B)]
+        targets = [target[i, :, :b["target_len"][i]] for i in range(B)]
+        ar_in = ar_batch(texts, [p[0] for p in prompts], [y[0] for y in targets],
+                         self.model.ar.eos)
+        ar = ar_loss(self.model.ar, *(t.to(self.device) for t in ar_in))
+        g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
+        stage = torch.randint(1, self.cfg.num_codebooks, (B,), generator=g).to(self.device)
+        nar = nar_loss(self.model.nar, *nar_batch(texts, prompts, targets), stage)
+        self.opt.zero_grad(set_to_none=True)
+        (ar + nar).backward()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        self.opt.step()
+        self.step_count += 1
+        return {"ar": ar.item(), "nar": nar.item(), "|g|": norm.item()}
+
+    def write_sample(self, stem):  # WIP: samples during training come with --sample
+        pass
+
+    def state_dict(self):
+        return {"model": NAME, "config": dataclasses.asdict(self.cfg),
+                "train_config": dataclasses.asdict(self.run), "step": self.step_count,
+                "generator": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "rng": [rng_state()]}
+
+
+def train(cfg, run, interrupt_after=None):
+    """WIP: one process, both stages at once, on the demo corpus (or a manifest)."""
+    rank, world, device = 0, 1, torch.device("cpu")
+    threads, why = pick_threads(run.threads, world)
+    torch.set_num_threads(threads)
+    entries = read_manifest(run.data or demo_manifest(), "train")
+    codec, kind = load_codec(run.codec)
+    if codec.codebook_size != cfg.codebook_size or codec.num_codebooks != cfg.num_codebooks:
+        raise ValueError(f"{run.codec}: {codec.num_codebooks} x {codec.codebook_size} codes; the "
+                         f"config models {cfg.num_codebooks} x {cfg.codebook_size}")
+    t0 = time.time()
+    codes = token_cache(codec, run.codec, entries, run.out)
+    vocab = PhonemeVocab.from_entries(entries)
+    if len(vocab.symbols) > cfg.text_vocab:
+        raise ValueError(f"{len(vocab.symbols)} phoneme symbols; the config has text_vocab "
+                         f"{cfg.text_vocab}")
+    print(f"{len(entries)} utterances, {kind} tokens {codec.num_codebooks} x {codec.codebook_size} "
+          f"at {codec.frame_rate:g} Hz ({time.time() - t0:.1f} s), {len(vocab.symbols) - 1} "
+          f"phoneme symbols, {threads} thread(s){why}", flush=True)
+    dataset = TTSDataset(entries, codes, vocab, cfg, run, codec.frame_rate, run.seed)
+    trainer = Trainer(cfg, run, vocab.symbols, rank, world, device)
+    Path(run.out).mkdir(parents=True, exist_ok=True)
+    n = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+    print(f"VALL-E: {n:.2f}M parameters (AR + NAR)", flush=True)
+    history = fit(trainer, run, dataset, interrupt_after)
+    return trainer, history
