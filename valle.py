@@ -1,16 +1,18 @@
 """
 VALL-E: Neural Codec Language Models are Zero-Shot Text to Speech Synthesizers, in one file.
 
-Wang, Chen, Wu, Zhang, Zhou, Liu, Chen, Liu, Wang, Li, He, Zhao, Wei. 2023. arXiv 2301.02111. No official code;
-reimplementations read: lifeiteng/vall-e (valle/models/valle.py, macros.py), enhuiz/vall-e, Plachtaa/VALL-E-X
-(reference/lms.md §1.3).
+Wang, Chen, Wu, Zhang, Zhou, Liu, Chen, Liu, Wang, Li, He, Zhao, Wei. 2023. arXiv 2301.02111.
+No official code; reimplementations read: lifeiteng/vall-e (valle/models/valle.py, macros.py),
+enhuiz/vall-e, Plachtaa/VALL-E-X (reference/lms.md §1.3).
 
-WORK IN PROGRESS (branch wip/valle, issue 15): this file holds the generic LM parts that audiolm.py and
-audiogen.py will copy (transformer block with a KV cache, masks, samplers, the AR loop with per-row end tokens)
-and the AR model of the first codebook. Not yet here: the NAR model, the phoneme front end, training, the codec
-interface and tokens cache, the CLI, the evaluation. Nothing in README.md points here yet.
+WORK IN PROGRESS (branch wip/valle, issue 15). Here: the generic LM parts that audiolm.py and
+audiogen.py will copy (attention with a KV cache, the block, masks, samplers), the AR and NAR
+models, their layouts and losses, the phoneme front end, codec loading and the token cache, a
+dataset and a trainer of both stages. Not yet: exact resume, DDP, the evaluation, --sample, the
+CLI, the README section and the notebook.
 
-Shapes: B batch, S sequence (phonemes then audio), X phonemes, Y audio frames, D model width, H heads, V vocab.
+Shapes: B batch, S sequence (phonemes then audio), X phonemes, P prompt frames, Y target frames,
+Q codebooks, K codebook size, D model width, H heads.
 """
 
 import dataclasses
@@ -71,7 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.01     # (our choice)
     grad_clip: float = 1.0         # (our choice)
     batch_size: int = 16           # examples per step (the paper: 6k tokens per GPU)
-    data: str = ""                 # a .jsonl manifest with text, phonemes, speaker; "": the demo corpus
+    data: str = ""                 # .jsonl manifest (text, phonemes, speaker); "": the demo corpus
     out: str = "runs/valle"        # checkpoints, log, token cache
     steps: int = 800_000           # 800k steps (§4.1)
     seed: int = 0
@@ -97,9 +99,9 @@ PRESETS = {
 
 
 def prefix_lm_mask(prefix, total, device=None):
-    """(total, total) boolean mask, True where attention is allowed: the first `prefix` positions (the
-    phonemes) see each other in both directions and never the audio; each audio position sees every
-    phoneme and the audio up to itself (lifeiteng's x-bidirectional, y-causal mask)."""
+    """(total, total) boolean mask, True where attention is allowed: the first `prefix` positions
+    (the phonemes) see each other in both directions and never the audio; each audio position
+    sees every phoneme and the audio up to itself (lifeiteng's x-bidirectional, y-causal mask)."""
     i = torch.arange(total, device=device)
     causal = i[None, :] <= i[:, None]  # (query, key)
     in_prefix = i[None, :] < prefix
@@ -107,8 +109,9 @@ def prefix_lm_mask(prefix, total, device=None):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (scaled dot product) with an optional KV cache: `cache` is a dict that
-    holds the keys and values of earlier positions, (B, H, S_past, D/H) each, and is extended in place."""
+    """Multi-head self-attention (scaled dot product) with an optional KV cache: `cache` is a dict
+    that holds the keys and values of earlier positions, (B, H, S_past, D/H) each, extended in
+    place."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -146,9 +149,9 @@ class AdaptiveLayerNorm(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer (lifeiteng norm_first): x + Attn(LN(x)), then x + FFN(LN(x)), with a
-    ReLU feed-forward of width `ffn` and dropout after each sub-layer. adaptive: both norms are
-    AdaptiveLayerNorm on `cond` (the NAR's stage)."""
+    """Pre-norm transformer layer (lifeiteng norm_first): x + Attn(LN(x)), then x + FFN(LN(x)),
+    with a ReLU feed-forward of width `ffn` and dropout after each sub-layer. adaptive: both norms
+    are AdaptiveLayerNorm on `cond` (the NAR's stage)."""
 
     def __init__(self, dim, heads, ffn, dropout, adaptive=False):
         super().__init__()
@@ -168,7 +171,8 @@ class Block(nn.Module):
 
 
 def sinusoids(length, dim, device=None):
-    """(length, dim) sine/cosine positions (Vaswani et al. 2017): sin on even, cos on odd channels."""
+    """(length, dim) sine/cosine positions (Vaswani et al. 2017): sin on even, cos on odd
+    channels."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
                      * (-math.log(10000.0) / dim))
@@ -206,8 +210,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 class ARModel(nn.Module):
     """Decoder-only transformer over [phonemes x ; first-codebook tokens y]. x and y have their own
-    embeddings and their own sinusoidal positions, each scaled by a learnt alpha (lifeiteng); the head
-    predicts the next audio token or the end token (id K)."""
+    embeddings and their own sinusoidal positions, each scaled by a learnt alpha (lifeiteng); the
+    head predicts the next audio token or the end token (id K)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -258,10 +262,11 @@ class ARModel(nn.Module):
     @torch.no_grad()
     def generate(self, text, prompt, max_new, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):
-        """Continue the first-codebook `prompt` (B, P) after `text` (B, X) by up to `max_new` tokens.
-        Each row stops at its own end token (later positions hold K, the end id). Returns (B, max_new)
-        ids and the number of new tokens of each row (B,). With use_cache the keys and values of earlier
-        positions are kept (each step runs one position); without, every step recomputes all."""
+        """Continue the first-codebook `prompt` (B, P) after `text` (B, X) by up to `max_new`
+        tokens. Each row stops at its own end token (later positions hold K, the end id). Returns
+        (B, max_new) ids and the number of new tokens of each row (B,). With use_cache the keys and
+        values of earlier positions are kept (each step runs one position); without, every step
+        recomputes all."""
         B, X = text.shape
         out = torch.full((B, max_new), self.eos, dtype=torch.long, device=text.device)
         done = torch.zeros(B, dtype=torch.bool, device=text.device)
@@ -326,7 +331,8 @@ class NARModel(nn.Module):
         P, Y = prompt.shape[-1], target.shape[-1]
         Q, dev = self.cfg.num_codebooks, target.device
         seen = (torch.arange(Q, device=dev)[None, :] < stage[:, None])  # (B, Q)
-        emb = torch.stack([self.audio_embeddings[k](target[:, k]) for k in range(Q)], 1)  # (B,Q,Y,D)
+        emb = torch.stack([self.audio_embeddings[k](target[:, k]) for k in range(Q)], 1)
+        # emb (B, Q, Y, D)
         tgt = (emb * seen[:, :, None, None]).sum(1)  # (B, Y, D): codebooks < stage, per row
         p_len = lengths[1] if lengths is not None else torch.full((B,), P, device=dev)
         tgt_pos = self.pe[p_len[:, None] + torch.arange(Y, device=dev)[None]]  # (B, Y, D)
@@ -336,7 +342,8 @@ class NARModel(nn.Module):
         h = self.drop(h)
         mask = None
         if lengths is not None:  # keys that are no padding, in each of the three parts
-            keep = [torch.arange(n, device=dev)[None] < l[:, None] for n, l in zip((X, P, Y), lengths)]
+            keep = [torch.arange(n, device=dev)[None] < n_real[:, None]
+                    for n, n_real in zip((X, P, Y), lengths)]
             mask = torch.cat(keep, dim=1)[:, None, None, :]  # (B, 1, 1, S)
         cond = self.stage_embedding(stage)  # (B, D)
         for block in self.blocks:
@@ -347,7 +354,8 @@ class NARModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, prompt, first):
-        """Greedy codebooks 1..Q-1 (§3.4: NAR greedy) for the first codebook `first` (B, Y) -> (B, Q, Y)."""
+        """Greedy codebooks 1..Q-1 (§3.4: NAR greedy) for the first codebook `first` (B, Y) ->
+        (B, Q, Y)."""
         B, Y = first.shape
         Q = self.cfg.num_codebooks
         codes = torch.zeros(B, Q, Y, dtype=torch.long, device=first.device)
@@ -772,8 +780,9 @@ class TTSDataset(torch.utils.data.Dataset):
         self.items = [it for it in items
                       if len(it[0]) <= self.max_text and it[1].shape[-1] <= self.max_frames]
         if len(self.items) < len(items):
-            print(f"note: {len(items) - len(self.items)} of {len(items)} utterances are longer than "
-                  f"max_text {self.max_text} phonemes or max_seconds {run.max_seconds:g}: left out")
+            print(f"note: {len(items) - len(self.items)} of {len(items)} utterances are longer "
+                  f"than max_text {self.max_text} phonemes or max_seconds {run.max_seconds:g}: "
+                  f"left out")
         self.by_speaker = {}
         for i, (_, _, s) in enumerate(self.items):
             self.by_speaker.setdefault(s, []).append(i)
