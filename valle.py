@@ -883,3 +883,72 @@ def train(cfg, run, interrupt_after=None):
     print(f"VALL-E: {n:.2f}M parameters (AR + NAR)", flush=True)
     history = fit(trainer, run, dataset, interrupt_after)
     return trainer, history
+
+
+# -------------------------------------------------------------------------------------------------
+# Inference (§3.4) and the command line (WIP)
+
+
+@torch.no_grad()
+def synthesize(model, codec, phonemes, prompt_wav, temperature=1.0, top_k=0, top_p=1.0,
+               max_frames=None, generator=None):
+    """Zero-shot TTS: the AR samples the first codebook after the prompt's (a cap of 16 frames
+    per phoneme unless max_frames, lifeiteng's), the NAR fills the others greedily, the codec
+    decodes. phonemes: the manifest's format; prompt_wav (1, T) at the codec's rate. Returns the
+    waveform (1, T'), the codes (Q, Y) and whether the cap was hit."""
+    model.eval()
+    text = model.vocab.encode(phonemes)[None]  # (1, X)
+    if prompt_wav.shape[-1] < codec.sample_rate // 2:
+        raise ValueError(f"the prompt is {prompt_wav.shape[-1] / codec.sample_rate:.2f} s; it "
+                         f"needs at least 0.5 s (the paper: 3 s)")
+    sent = codec.encode(prompt_wav[None])
+    prompt = getattr(sent, "codes", sent).long()  # (1, Q, P)
+    cap = max_frames or 16 * text.shape[1]
+    first, n = model.ar.generate(text, prompt[:, 0], cap, temperature, top_k, top_p,
+                                 generator=generator)
+    first = first[:, :max(1, int(n[0]))]
+    codes = model.nar.generate(text, prompt, first)  # (1, Q, Y)
+    wav = codec.decode(codes)[0]
+    return wav, codes[0], int(n[0]) == cap
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="VALL-E (WIP): train, sample.")
+    act = p.add_mutually_exclusive_group(required=True)
+    act.add_argument("--train", action="store_true")
+    act.add_argument("--sample", action="store_true")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out")
+    p.add_argument("--ckpt")
+    p.add_argument("--text", help="new text (needs espeak-ng)")
+    p.add_argument("--phonemes", help="phonemes in the manifest's format, instead of --text")
+    p.add_argument("--prompt", help="a prompt wav of the target voice")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.train:
+        cfg, run = PRESETS[args.preset]
+        run = dataclasses.replace(run, **{k: v for k, v in (("steps", args.steps),
+                                                            ("out", args.out)) if v is not None})
+        trainer, _ = train(cfg, run)
+        return
+    if not (args.ckpt and args.prompt and args.out and (args.text or args.phonemes)):
+        raise ValueError("--sample needs --ckpt, --prompt, --out and --text or --phonemes")
+    model = VALLE.load(args.ckpt)
+    codec, _ = load_codec(model.codec_path)
+    phonemes = args.phonemes or phonemize(args.text)
+    wav, _ = load(args.prompt, codec.sample_rate, codec.channels, notice=True)
+    out, codes, capped = synthesize(model, codec, phonemes, wav,
+                                    generator=torch.Generator().manual_seed(args.seed))
+    from common.audio import save
+    save(args.out, out, codec.sample_rate)
+    print(f"{args.out}: {out.shape[-1] / codec.sample_rate:.2f} s, {codes.shape[-1]} frames"
+          + (" (the length cap was hit)" if capped else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

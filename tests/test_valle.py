@@ -211,3 +211,27 @@ def test_padding_changes_no_row_of_the_nar_logits():
     flat = torch.cat([both[0, :5], both[1, :9]])
     truth = torch.cat([target[0, 3, :5], target[1, 6, :9]])
     assert math.isclose(loss.item(), torch.nn.functional.cross_entropy(flat, truth).item(), rel_tol=1e-6)
+
+
+def test_zero_shot_synthesis_runs_end_to_end_on_the_shipped_tokenizer():
+    from pathlib import Path
+    from common.audio import load
+    from common.data import demo_manifest, read_manifest
+    codec_path = Path(__file__).resolve().parent.parent / "checkpoints" / "encodec_16khz_8x256.pt"
+    codec, kind = valle.load_codec(codec_path)
+    entries = read_manifest(demo_manifest(), "train")
+    vocab = valle.PhonemeVocab.from_entries(entries)
+    cfg = valle.Config(dim=32, heads=4, layers=1, ffn=64, dropout=0.0, text_vocab=len(vocab.symbols),
+                       codebook_size=256, max_len=512)
+    torch.manual_seed(0)
+    model = valle.VALLE(cfg, vocab.symbols, codec_path)
+    wav = load(entries[0]["path"], 16000, 1)[0]
+    out, codes, capped = valle.synthesize(model, codec, entries[1]["phonemes"], wav, max_frames=10,
+                                          generator=torch.Generator().manual_seed(0))
+    assert kind == "encodec" and codes.shape[0] == 8 and codes.shape[1] <= 10 and out.shape[0] == 1
+    assert out.shape[-1] == codes.shape[1] * 320
+    import pytest
+    with pytest.raises(ValueError, match="needs at least 0.5 s"):
+        valle.synthesize(model, codec, entries[1]["phonemes"], wav[:, :4000])
+    with pytest.raises(ValueError, match="lacks: q"):
+        valle.synthesize(model, codec, "h_ə q", wav)
