@@ -851,15 +851,24 @@ class Trainer:
         pass
 
     def state_dict(self):
+        """Everything an exact resume needs (one process; DDP: not yet)."""
         return {"model": NAME, "config": dataclasses.asdict(self.cfg),
                 "train_config": dataclasses.asdict(self.run), "step": self.step_count,
-                "generator": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "rng": [rng_state()]}
+                "symbols": self.model.symbols, "generator": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "rng": [rng_state()]}
+
+    def load_state_dict(self, ckpt):
+        self.model.load_state_dict(ckpt["generator"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step_count = ckpt["step"]
+        set_rng_state(ckpt["rng"][0])
 
 
-def train(cfg, run, interrupt_after=None):
-    """WIP: one process, both stages at once, on the demo corpus (or a manifest)."""
+def train(cfg, run, resume=False, interrupt_after=None):
+    """WIP: one process, both stages at once, on the demo corpus (or a manifest). resume: continue
+    the run in run.out exactly (its vocabulary, weights, optimiser, step and RNG)."""
     rank, world, device = 0, 1, torch.device("cpu")
+    start = load_checkpoint(Path(run.out) / "ckpt.pt") if resume else None
     threads, why = pick_threads(run.threads, world)
     torch.set_num_threads(threads)
     entries = read_manifest(run.data or demo_manifest(), "train")
@@ -869,7 +878,7 @@ def train(cfg, run, interrupt_after=None):
                          f"config models {cfg.num_codebooks} x {cfg.codebook_size}")
     t0 = time.time()
     codes = token_cache(codec, run.codec, entries, run.out)
-    vocab = PhonemeVocab.from_entries(entries)
+    vocab = (PhonemeVocab(start["symbols"][1:]) if start else PhonemeVocab.from_entries(entries))
     if len(vocab.symbols) > cfg.text_vocab:
         raise ValueError(f"{len(vocab.symbols)} phoneme symbols; the config has text_vocab "
                          f"{cfg.text_vocab}")
@@ -878,6 +887,8 @@ def train(cfg, run, interrupt_after=None):
           f"phoneme symbols, {threads} thread(s){why}", flush=True)
     dataset = TTSDataset(entries, codes, vocab, cfg, run, codec.frame_rate, run.seed)
     trainer = Trainer(cfg, run, vocab.symbols, rank, world, device)
+    if start:
+        trainer.load_state_dict(start)
     Path(run.out).mkdir(parents=True, exist_ok=True)
     n = sum(p.numel() for p in trainer.model.parameters()) / 1e6
     print(f"VALL-E: {n:.2f}M parameters (AR + NAR)", flush=True)

@@ -235,3 +235,19 @@ def test_zero_shot_synthesis_runs_end_to_end_on_the_shipped_tokenizer():
         valle.synthesize(model, codec, entries[1]["phonemes"], wav[:, :4000])
     with pytest.raises(ValueError, match="lacks: q"):
         valle.synthesize(model, codec, "h_ə q", wav)
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    import dataclasses
+    cfg = valle.Config(dim=32, heads=4, layers=1, ffn=64, dropout=0.1, text_vocab=128, codebook_size=256,
+                       max_len=512)
+    _, run = valle.PRESETS["tiny"]
+    run = dataclasses.replace(run, batch_size=4, steps=4, log_every=2, ckpt_every=1000, max_seconds=3.0,
+                              max_text=64, threads=1)
+    _, full = valle.train(cfg, dataclasses.replace(run, out=str(tmp_path / "full")))
+    _, first = valle.train(cfg, dataclasses.replace(run, out=str(tmp_path / "split")), interrupt_after=2)
+    _, rest = valle.train(cfg, dataclasses.replace(run, out=str(tmp_path / "split")), resume=True)
+    assert len(first) == 2 and first + rest == full
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
