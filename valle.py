@@ -459,8 +459,7 @@ def token_cache(codec, codec_path, entries, cache_dir):
         wav = load(e["path"], codec.sample_rate, codec.channels)[0]
         sent = codec.encode(wav[None])
         codes[e["path"]] = getattr(sent, "codes", sent)[0].to(torch.int16)  # (Q, F)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(codes, cache)
+    atomic_save(codes, cache)
     return codes
 
 # -------------------------------------------------------------------------------------------------
@@ -754,6 +753,21 @@ class VALLE(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
+    def forward(self, batch, stage):
+        """Both stages' losses on a batch of TTSDataset items (padded, with lengths): the AR's
+        cross-entropy on the target's first codebook and its end token, the NAR's on codebook
+        `stage` (B,) of each example. One forward, so that DDP syncs both stages' gradients."""
+        B = len(batch["text"])
+        X, P, Y = (int(batch[k].max()) for k in ("text_len", "prompt_len", "target_len"))
+        texts = [batch["text"][i, :batch["text_len"][i]] for i in range(B)]
+        prompts = [batch["prompt"][i, :, :batch["prompt_len"][i]] for i in range(B)]
+        targets = [batch["target"][i, :, :batch["target_len"][i]] for i in range(B)]
+        dev = batch["text"].device
+        ar_in = ar_batch(texts, [p[0] for p in prompts], [y[0] for y in targets], self.ar.eos)
+        ar = ar_loss(self.ar, *(t.to(dev) for t in ar_in))
+        nar = nar_loss(self.nar, *nar_batch(texts, prompts, targets), stage)
+        return ar, nar
+
     def save(self, path):
         atomic_save({"model": NAME, "config": dataclasses.asdict(self.cfg), "symbols": self.symbols,
                      "codec": self.codec_path, "state_dict": self.state_dict()}, path)
@@ -821,25 +835,22 @@ class Trainer:
         self.model = VALLE(cfg, symbols, run.codec).to(self.device)
         kw = dict(lr=run.lr, betas=tuple(run.betas), weight_decay=run.weight_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), **kw)
+        self.G = self.model
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.G = nn.parallel.DistributedDataParallel(self.model, ids)
+        torch.manual_seed(run.seed + rank)  # dropout differs per rank
         self.step_count = 0
 
     def step(self, batch, diagnose=False):
-        """One update of both stages: the AR's cross-entropy on the target's first codebook and its
-        end token, and the NAR's on one codebook per example, drawn uniformly from 1..Q-1."""
+        """One update of both stages: the AR's and the NAR's cross-entropy summed (VALLE.forward),
+        the NAR's codebook drawn per example, uniformly from 1..Q-1, from (seed, step): the same
+        draw on every rank and after a resume."""
         self.model.train()
         b = {k: v.to(self.device) for k, v in batch.items()}
-        B = len(b["text"])
-        X, P, Y = (int(b[k].max()) for k in ("text_len", "prompt_len", "target_len"))
-        text, prompt, target = b["text"][:, :X], b["prompt"][..., :P], b["target"][..., :Y]
-        texts = [text[i, :b["text_len"][i]] for i in range(B)]
-        prompts = [prompt[i, :, :b["prompt_len"][i]] for i in range(B)]
-        targets = [target[i, :, :b["target_len"][i]] for i in range(B)]
-        ar_in = ar_batch(texts, [p[0] for p in prompts], [y[0] for y in targets],
-                         self.model.ar.eos)
-        ar = ar_loss(self.model.ar, *(t.to(self.device) for t in ar_in))
         g = torch.Generator().manual_seed(self.run.seed * 1_000_003 + self.step_count)
-        stage = torch.randint(1, self.cfg.num_codebooks, (B,), generator=g).to(self.device)
-        nar = nar_loss(self.model.nar, *nar_batch(texts, prompts, targets), stage)
+        stage = torch.randint(1, self.cfg.num_codebooks, (len(b["text"]),), generator=g)
+        ar, nar = self.G(b, stage.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         (ar + nar).backward()
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
@@ -851,48 +862,65 @@ class Trainer:
         pass
 
     def state_dict(self):
-        """Everything an exact resume needs (one process; DDP: not yet)."""
+        """Everything an exact resume needs. Collective under DDP: every rank's RNG state."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
         return {"model": NAME, "config": dataclasses.asdict(self.cfg),
                 "train_config": dataclasses.asdict(self.run), "step": self.step_count,
                 "symbols": self.model.symbols, "generator": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "rng": [rng_state()]}
+                "opt": self.opt.state_dict(), "rng": rngs}
 
     def load_state_dict(self, ckpt):
         self.model.load_state_dict(ckpt["generator"])
         self.opt.load_state_dict(ckpt["opt"])
         self.step_count = ckpt["step"]
-        set_rng_state(ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
 
 
 def train(cfg, run, resume=False, interrupt_after=None):
     """WIP: one process, both stages at once, on the demo corpus (or a manifest). resume: continue
     the run in run.out exactly (its vocabulary, weights, optimiser, step and RNG)."""
-    rank, world, device = 0, 1, torch.device("cpu")
+    rank, world, device = setup_distributed()
+    master = rank == 0
     start = load_checkpoint(Path(run.out) / "ckpt.pt") if resume else None
-    threads, why = pick_threads(run.threads, world)
-    torch.set_num_threads(threads)
+    threads, why = pick_threads(run.threads, world) if device.type == "cpu" else (0, "")
+    if threads:
+        torch.set_num_threads(threads)
     entries = read_manifest(run.data or demo_manifest(), "train")
     codec, kind = load_codec(run.codec)
     if codec.codebook_size != cfg.codebook_size or codec.num_codebooks != cfg.num_codebooks:
         raise ValueError(f"{run.codec}: {codec.num_codebooks} x {codec.codebook_size} codes; the "
                          f"config models {cfg.num_codebooks} x {cfg.codebook_size}")
     t0 = time.time()
-    codes = token_cache(codec, run.codec, entries, run.out)
+    if master:  # rank 0 fills the cache, the others read it
+        codes = token_cache(codec, run.codec, entries, run.out)
+    if world > 1:
+        dist.barrier()
+        codes = token_cache(codec, run.codec, entries, run.out)
     vocab = (PhonemeVocab(start["symbols"][1:]) if start else PhonemeVocab.from_entries(entries))
     if len(vocab.symbols) > cfg.text_vocab:
         raise ValueError(f"{len(vocab.symbols)} phoneme symbols; the config has text_vocab "
                          f"{cfg.text_vocab}")
-    print(f"{len(entries)} utterances, {kind} tokens {codec.num_codebooks} x {codec.codebook_size} "
-          f"at {codec.frame_rate:g} Hz ({time.time() - t0:.1f} s), {len(vocab.symbols) - 1} "
-          f"phoneme symbols, {threads} thread(s){why}", flush=True)
+    if master:
+        print(f"{len(entries)} utterances, {kind} tokens {codec.num_codebooks} x "
+              f"{codec.codebook_size} at {codec.frame_rate:g} Hz ({time.time() - t0:.1f} s), "
+              f"{len(vocab.symbols) - 1} phoneme symbols, {world} process(es)"
+              + (f", {threads} thread(s){why}" if threads else ""), flush=True)
     dataset = TTSDataset(entries, codes, vocab, cfg, run, codec.frame_rate, run.seed)
     trainer = Trainer(cfg, run, vocab.symbols, rank, world, device)
     if start:
         trainer.load_state_dict(start)
-    Path(run.out).mkdir(parents=True, exist_ok=True)
-    n = sum(p.numel() for p in trainer.model.parameters()) / 1e6
-    print(f"VALL-E: {n:.2f}M parameters (AR + NAR)", flush=True)
-    history = fit(trainer, run, dataset, interrupt_after)
+    if master:
+        Path(run.out).mkdir(parents=True, exist_ok=True)
+        n = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+        print(f"VALL-E: {n:.2f}M parameters (AR + NAR)", flush=True)
+    try:
+        history = fit(trainer, run, dataset, interrupt_after)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return trainer, history
 
 

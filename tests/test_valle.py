@@ -251,3 +251,37 @@ def test_resume_continues_bit_exactly(tmp_path):
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out):
+    import dataclasses
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    cfg = valle.Config(dim=32, heads=4, layers=1, ffn=64, dropout=0.1, text_vocab=128, codebook_size=256,
+                       max_len=512)
+    _, run = valle.PRESETS["tiny"]
+    run = dataclasses.replace(run, batch_size=4, steps=2, log_every=1, ckpt_every=1000, max_seconds=3.0,
+                              max_text=64, threads=1, out=out)
+    trainer, _ = valle.train(cfg, run)
+    torch.save(trainer.model.state_dict(), f"{out}/rank{rank}.pt")
+
+
+def test_ddp_two_processes_keep_both_stages_identical(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], saved["state_dict"][k]) for k in a)  # rank 0 saved what both hold
+    torch.manual_seed(0)  # the run's seed: the initial weights, which training moved
+    init = valle.VALLE(valle.config_from_dict(valle.Config, saved["config"]), saved["symbols"], "x").state_dict()
+    assert not torch.equal(a["ar.head.weight"], init["ar.head.weight"])
+    assert not torch.equal(a["nar.blocks.0.attn.qkv.weight"], init["nar.blocks.0.attn.qkv.weight"])
