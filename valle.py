@@ -2,21 +2,59 @@
 VALL-E: Neural Codec Language Models are Zero-Shot Text to Speech Synthesizers, in one file.
 
 Wang, Chen, Wu, Zhang, Zhou, Liu, Chen, Liu, Wang, Li, He, Zhao, Wei. 2023. arXiv 2301.02111.
-No official code; reimplementations read: lifeiteng/vall-e (valle/models/valle.py, macros.py),
-enhuiz/vall-e, Plachtaa/VALL-E-X (reference/lms.md §1.3).
+No official code was released: this file follows the paper; reimplementations read for contrast
+(reference/lms.md §1.3): lifeiteng/vall-e (valle/models/valle.py, macros.py), enhuiz/vall-e,
+Plachtaa/VALL-E-X. It is the template of the LM files: audiolm.py and audiogen.py copy its
+generic LM parts (attention with a KV cache, Block, prefix_lm_mask, sinusoids, filter_logits,
+sample) and, through it, soundstream.py's training blocks, as marked copies.
 
-WORK IN PROGRESS (branch wip/valle, issue 15). Here: the generic LM parts that audiolm.py and
-audiogen.py will copy (attention with a KV cache, the block, masks, samplers), the AR and NAR
-models, their layouts and losses, the phoneme front end, codec loading and the token cache, a
-dataset and a trainer of both stages. Not yet: exact resume, DDP, the evaluation, --sample, the
-CLI, the README section and the notebook.
+Paper -> code (sections of arXiv 2301.02111)
+  §4.1 phonemes, codec codes ....... phoneme_symbols, phonemize, PhonemeVocab; load_codec,
+                                     token_cache (any codec of the project, or Meta's EnCodec)
+  §4.2.1 AR, Eq. (1) ............... ARModel (prefix_lm_mask: phonemes both ways, audio causal),
+                                     ar_batch, ar_loss; the end token is id K
+  §4.2.2 NAR, Eq. (2) .............. NARModel (AdaptiveLayerNorm on the stage, the prompt with all
+                                     codebooks, heads tied to the embeddings), nar_batch, nar_loss
+  §4.3 inference ................... ARModel.generate (sampling, KV cache, per-row end token, the
+                                     cap), NARModel.generate (greedy), synthesize (best-of-N)
+  §5.1 setup ....................... Config / TrainConfig "paper", TTSDataset, Trainer, train
+  §5.2 evaluation .................. eval_pairs, evaluate (WER, speaker similarity, duration)
 
 Shapes: B batch, S sequence (phonemes then audio), X phonemes, P prompt frames, Y target frames,
-Q codebooks, K codebook size, D model width, H heads.
+Q codebooks, K codebook size, D model width, H heads. `F` is torch.nn.functional.
+
+DEVIATIONS from the paper (each tagged `# DEVIATION` where it happens)
+  1. The prompt. §4.2 trains the AR as a plain causal LM over whole utterances and takes the NAR's
+     prompt from the same utterance; at inference (§4.3) the AR reads the prompt's transcript
+     before the target text. Here both stages are trained with a 3 s window of ANOTHER utterance
+     of the same speaker as the prompt (the issue's choice, enhuiz's), and the phonemes are the
+     target's alone: training matches zero-shot inference, and a prompt needs no transcript.
+  2. Both stages are one module (VALLE) trained in one step on the summed losses; the paper and
+     lifeiteng train them as separate models (lifeiteng: AR first, then NAR).
+  3. AdamW with warm-up and a cosine decay (our choice); the paper gives no optimiser, lifeiteng
+     uses ScaledAdam with the Eden schedule.
+
+Where the paper is silent the comment says "our choice" or names the reimplementation followed:
+lifeiteng's separate sinusoidal positions with a learnt scale for phonemes and audio, pre-norm
+blocks, the 16-frames-per-phoneme cap, tied NAR heads; VALL-E X's best-of-N; GPT-2's init.
+
+Exact resume: on CPU a resumed run repeats the uninterrupted one bit for bit (tested).
+
+Commands
+  python valle.py --train --preset tiny                       # demo corpus, CPU, < 20 min
+  python valle.py --train --preset paper --data libri.jsonl --codec_official encodec_24khz-d7cc33bc.th
+  torchrun --standalone --nproc_per_node=8 valle.py --train --preset paper --data libri.jsonl
+  python valle.py --train --resume --out runs/valle_tiny       # continue where it stopped
+  python valle.py --sample --ckpt runs/valle_tiny/model.pt --prompt voice.wav --text "Hello." \
+      --out out.wav [--temperature 1 --top_k 0 --top_p 1 --best_of 4]
+  python valle.py --eval --ckpt runs/valle_tiny/model.pt [--n_qs 1,2,4]
 """
 
 import contextlib
+import argparse
 import dataclasses
+import difflib
+import inspect
 import hashlib
 import importlib
 import math
@@ -37,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.audio import load
+from common.audio import AudioError, load, save
 from common.data import demo_manifest, read_manifest
 
 NAME = "valle"
@@ -51,26 +89,26 @@ CODEC_CLASSES = {"encodec": "EnCodec", "soundstream": "SoundStream", "freqcodec"
 
 @dataclass
 class Config:
-    """What rebuilds the model. Defaults: the paper's AR and NAR transformers (§4.1)."""
-    dim: int = 1024                # D = 1024 (§4.1)
-    heads: int = 16                # 16 attention heads (§4.1)
-    layers: int = 12               # 12 layers (§4.1)
-    ffn: int = 4096                # feed-forward 4096 (§4.1)
-    dropout: float = 0.1           # dropout 0.1 (§4.1)
+    """What rebuilds the model. Defaults: the paper's AR and NAR transformers (§5.1)."""
+    dim: int = 1024                # D = 1024 (§5.1)
+    heads: int = 16                # 16 attention heads (§5.1)
+    layers: int = 12               # 12 layers (§5.1)
+    ffn: int = 4096                # feed-forward 4096 (§5.1)
+    dropout: float = 0.1           # dropout 0.1 (§5.1)
     text_vocab: int = 512          # phoneme ids (lifeiteng NUM_TEXT_TOKENS)
-    codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§4.1)
-    num_codebooks: int = 8         # (§4.1)
+    codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§5.1)
+    num_codebooks: int = 8         # (§5.1)
     max_len: int = 4096            # longest sequence the positions cover
 
 
 @dataclass
 class TrainConfig:
     """How both stages are trained: data, tokens, optimiser and the run."""
-    codec: str = "checkpoints/encodec_16khz_8x256.pt"  # the tokenizer (the paper: EnCodec 24 kHz)
-    prompt_seconds: float = 3.0    # the prompt: 3 s of another utterance of the speaker (§4.1)
+    codec: str = "official:encodec_24khz-d7cc33bc.th"  # EnCodec 24 kHz, 6 kbps (§5.1): Meta's file
+    prompt_seconds: float = 3.0    # 3 s prompts (§5.1; from another utterance: DEVIATION 1)
     max_text: int = 256            # phonemes per example (longer ones are refused)
-    max_seconds: float = 20.0      # target audio per example (§4.1: 10-20 s crops)
-    lr: float = 5e-4               # AdamW peak (our choice; lifeiteng: ScaledAdam 0.05)
+    max_seconds: float = 20.0      # target audio per example (§5.1: 10-20 s crops)
+    lr: float = 5e-4               # AdamW peak (DEVIATION 3; lifeiteng: ScaledAdam 0.05)
     warmup_steps: int = 200        # linear warm-up (lifeiteng --warmup-steps 200), then cosine
     min_lr_ratio: float = 0.1      # cosine decay to lr * this at the last step (our choice)
     betas: tuple[float, ...] = (0.9, 0.95)  # (our choice)
@@ -79,10 +117,10 @@ class TrainConfig:
     batch_size: int = 16           # examples per step (the paper: 6k tokens per GPU)
     data: str = ""                 # .jsonl manifest (text, phonemes, speaker); "": the demo corpus
     out: str = "runs/valle"        # checkpoints, log, token cache
-    steps: int = 800_000           # 800k steps (§4.1)
+    steps: int = 800_000           # 800k steps (§5.1)
     seed: int = 0
     log_every: int = 100
-    sample_every: int = 10 ** 9    # no samples during training yet (WIP)
+    sample_every: int = 5000       # steps between samples (OUT/samples/stepN.wav)
     ckpt_every: int = 5000
     num_workers: int = 0
     threads: int = 0               # CPU threads; 0: the idle cores
@@ -96,8 +134,10 @@ PRESETS = {
     # attention takes the fused kernel: 2.6x faster in all
     "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.0, text_vocab=128,
                     codebook_size=256, max_len=1024),
-             TrainConfig(prompt_seconds=3.0, max_text=200, max_seconds=8.0, lr=1e-3, batch_size=8,
-                         out="runs/valle_tiny", steps=2500, log_every=100, ckpt_every=500)),
+             TrainConfig(codec="checkpoints/encodec_16khz_8x256.pt", prompt_seconds=3.0,
+                         max_text=200, max_seconds=8.0, lr=1e-3, batch_size=8,
+                         out="runs/valle_tiny", steps=2500, log_every=100, ckpt_every=500,
+                         sample_every=1250)),
 }
 
 
@@ -141,7 +181,7 @@ class Attention(nn.Module):
 
 
 class AdaptiveLayerNorm(nn.Module):
-    """§3.3 (NAR): "adaptive layer normalization" on the stage: LN without its own affine, then
+    """§4.2.2 (NAR): "adaptive layer normalization" on the stage: LN without its own affine, then
     gamma(c) * LN(h) + beta(c), with gamma and beta a linear map of the condition embedding c
     (lifeiteng's AdaptiveLayerNorm)."""
 
@@ -212,7 +252,7 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 # -------------------------------------------------------------------------------------------------
-# The AR model (§3.3): phonemes as a bidirectional prefix, then the first codebook, causally
+# The AR model (§4.2.1): phonemes as a bidirectional prefix, then the first codebook, causally
 
 
 class ARModel(nn.Module):
@@ -237,6 +277,10 @@ class ARModel(nn.Module):
 
     def embed(self, text, audio, audio_offset=0):  # text (B, X), audio (B, Y) -> (B, X + Y, D)
         parts = []
+        n = max(text.shape[1] if text is not None else 0,
+                audio_offset + (audio.shape[1] if audio is not None else 0))
+        if n > self.cfg.max_len:
+            raise ValueError(f"{n} positions; the model has max_len {self.cfg.max_len}")
         if text is not None:
             parts.append(self.text_embedding(text) + self.text_alpha * self.pe[:text.shape[1]])
         if audio is not None and audio.shape[1]:
@@ -271,13 +315,17 @@ class ARModel(nn.Module):
                  generator=None):
         """Continue the first-codebook `prompt` (B, P) after `text` (B, X) by up to `max_new`
         tokens. Each row stops at its own end token (later positions hold K, the end id). Returns
-        (B, max_new) ids and the number of new tokens of each row (B,). With use_cache the keys and
-        values of earlier positions are kept (each step runs one position); without, every step
-        recomputes all."""
+        (B, max_new) ids, the number of new tokens of each row before its end token (B,), and the
+        log-probability of each row's sampled tokens, its end token included, under the model's
+        own distribution (temperature 1, no filtering) (B,). With use_cache the keys and values of
+        earlier positions are kept (each step runs one position); without, every step recomputes
+        all."""
         B, X = text.shape
-        out = torch.full((B, max_new), self.eos, dtype=torch.long, device=text.device)
-        done = torch.zeros(B, dtype=torch.bool, device=text.device)
-        lengths = torch.full((B,), max_new, dtype=torch.long, device=text.device)
+        dev = text.device
+        out = torch.full((B, max_new), self.eos, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), max_new, dtype=torch.long, device=dev)
+        logp = torch.zeros(B, device=dev)
         caches = [{} for _ in self.blocks] if use_cache else None
         audio = prompt
         for t in range(max_new):
@@ -289,9 +337,10 @@ class ARModel(nn.Module):
                 mask = prefix_lm_mask(X, h.shape[1], h.device)
             for i, block in enumerate(self.blocks):
                 h = block(h, mask, caches[i] if use_cache else None)
-            logits = self.head(self.norm(h[:, -1]))  # (B, K + 1)
-            token = sample(logits, temperature, top_k, top_p, generator)
-            token = torch.where(done, self.eos, token)
+            logits = self.head(self.norm(h[:, -1])).float()  # (B, K + 1)
+            token = torch.where(done, self.eos, sample(logits, temperature, top_k, top_p, generator))
+            step_logp = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+            logp = logp + torch.where(done, 0.0, step_logp)
             newly = (token == self.eos) & ~done
             lengths = torch.where(newly, t, lengths)
             done |= newly
@@ -299,10 +348,10 @@ class ARModel(nn.Module):
             if done.all():
                 break
             audio = torch.cat([audio, token[:, None]], dim=1)
-        return out, lengths
+        return out, lengths, logp
 
 # -------------------------------------------------------------------------------------------------
-# The NAR model (§3.3): codebooks 2..8, each from the ones before it, non-causally
+# The NAR model (§4.2.2): codebooks 2..8, each from the ones before it, non-causally
 
 
 class NARModel(nn.Module):
@@ -342,6 +391,8 @@ class NARModel(nn.Module):
         # emb (B, Q, Y, D)
         tgt = (emb * seen[:, :, None, None]).sum(1)  # (B, Y, D): codebooks < stage, per row
         p_len = lengths[1] if lengths is not None else torch.full((B,), P, device=dev)
+        if max(X, P + Y) > self.cfg.max_len:
+            raise ValueError(f"{max(X, P + Y)} positions; the model has max_len {self.cfg.max_len}")
         tgt_pos = self.pe[p_len[:, None] + torch.arange(Y, device=dev)[None]]  # (B, Y, D)
         h = torch.cat([self.text_embedding(text) + self.text_alpha * self.pe[:X],
                        self.embed_codes(prompt) + self.audio_alpha * self.pe[:P],
@@ -361,7 +412,7 @@ class NARModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, prompt, first):
-        """Greedy codebooks 1..Q-1 (§3.4: NAR greedy) for the first codebook `first` (B, Y) ->
+        """Greedy codebooks 1..Q-1 (§4.3: NAR greedy) for the first codebook `first` (B, Y) ->
         (B, Q, Y)."""
         B, Y = first.shape
         Q = self.cfg.num_codebooks
@@ -373,7 +424,7 @@ class NARModel(nn.Module):
         return codes
 
 # -------------------------------------------------------------------------------------------------
-# Phonemes (§3.1: "phoneme sequence" from G2P): espeak-ng IPA, or the manifest's
+# Phonemes (§4.1: "phoneme sequence" from G2P): espeak-ng IPA, or the manifest's
 
 
 WORD = " "  # the word-boundary symbol between the phones of two words
@@ -390,14 +441,20 @@ def phoneme_symbols(phonemes):
     return out
 
 
-def phonemize(text):
-    """espeak-ng IPA of new text, in the manifest's format (the command data/make_demo_corpus.py
-    used), or a one-line error when the engine is not installed."""
+def phonemize(text, data=None):
+    """New text -> phonemes in the manifest's format: espeak-ng's IPA (the command
+    data/make_demo_corpus.py used) when the engine is installed, otherwise the phonemes the
+    manifest (`data`, or the demo corpus) stores for the same text; a one-line error when neither
+    has it."""
     if not text or not text.strip():
         raise ValueError("the text is empty")
     if shutil.which("espeak-ng") is None:
-        raise ValueError("espeak-ng is not installed, and new text needs it for its phonemes "
-                         "(apt-get install espeak-ng), or pass the phonemes themselves")
+        key = " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+        for e in read_manifest(data or demo_manifest()):
+            if " ".join(re.sub(r"[^\w\s']", " ", e["text"].lower()).split()) == key:
+                return e["phonemes"]
+        raise ValueError("espeak-ng is not installed (apt-get install espeak-ng) and the manifest "
+                         "has no phonemes for this text: install it, or pass --phonemes")
     out = subprocess.run(["espeak-ng", "-q", "--ipa", "--sep=_", "-v", "en-us", "--", text],
                          capture_output=True, text=True, check=True).stdout
     words = (re.sub("_+", "_", w).strip("_") for w in out.split())
@@ -430,11 +487,40 @@ class PhonemeVocab:
 # Codec tokens: any codec checkpoint of the project, through the codec interface, cached on disk
 
 
-def load_codec(path):
-    """A codec file's model.pt -> (its model in eval mode, its module name). The checkpoint's
-    "model" field names the codec file; a checkpoint of another kind gets a one-line error."""
-    if not Path(path).is_file():
+OFFICIAL = "official:"  # a codec spec "official:PATH": Meta's released EnCodec weights (PATH .th)
+
+
+class FirstCodebooks:
+    """A codec that sends only its first n codebooks: EnCodec 24 kHz at 6 kbps, the paper's
+    tokenizer, is the 32-codebook model's first 8 (§5.1). Everything else is the codec's."""
+
+    def __init__(self, codec, n):
+        self.codec, self.num_codebooks = codec, n
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def encode(self, wav):
+        return self.codec.encode(wav, n_q=self.num_codebooks)
+
+
+def codec_file(spec):
+    """The file a codec spec names (a codec checkpoint path, or official:PATH)."""
+    spec = str(spec)
+    return resolve_codec_path(spec[len(OFFICIAL):] if spec.startswith(OFFICIAL) else spec)
+
+
+def load_codec(spec, num_codebooks=8):
+    """A codec spec -> (the codec in eval mode, its kind). A codec file's model.pt: its "model"
+    field names the codec file, and a checkpoint of another kind gets a one-line error.
+    official:PATH: Meta's EnCodec weights (encodec.py's from_official), cut to their first
+    num_codebooks codebooks (the paper: 8, 6 kbps)."""
+    spec, path = str(spec), codec_file(spec)
+    if not path.is_file():
         raise FileNotFoundError(f"codec checkpoint {path} not found")
+    if spec.startswith(OFFICIAL):
+        from encodec import EnCodec
+        return FirstCodebooks(EnCodec.from_official(path), num_codebooks), "encodec (Meta's)"
     try:
         kind = torch.load(path, map_location="cpu", weights_only=True).get("model")
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one line
@@ -451,12 +537,19 @@ def load_codec(path):
     return model, kind
 
 
+def check_codec(codec, cfg, spec):
+    """A one-line error when the codec's tokens are not the ones the config models."""
+    if codec.codebook_size != cfg.codebook_size or codec.num_codebooks != cfg.num_codebooks:
+        raise ValueError(f"{spec}: {codec.num_codebooks} x {codec.codebook_size} codes; the "
+                         f"model takes {cfg.num_codebooks} x {cfg.codebook_size}")
+
+
 @torch.no_grad()
 def token_cache(codec, codec_path, entries, cache_dir):
     """Codes (Q, F) int16 of every entry's audio, computed once and kept in cache_dir/<key>.pt,
     keyed by the codec file's bytes and the audio paths: a new codec or a new corpus recomputes.
     Returns {path: codes}."""
-    key = hashlib.sha256(Path(codec_path).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(codec_file(codec_path).read_bytes()).hexdigest()[:16]
     key = hashlib.sha256((key + "".join(e["path"] for e in entries)).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"tokens-{key}.pt"
     if cache.is_file():
@@ -470,7 +563,7 @@ def token_cache(codec, codec_path, entries, cache_dir):
     return codes
 
 # -------------------------------------------------------------------------------------------------
-# Sequence layouts and losses (§3.3)
+# Sequence layouts and losses (§4.2)
 
 
 def ar_batch(texts, prompts, targets, eos):
@@ -743,7 +836,7 @@ def save_checkpoint(trainer, out):
         trainer.model.save(Path(out) / "model.pt")
 
 # -------------------------------------------------------------------------------------------------
-# Training: the model-specific part (WIP)
+# Training: the model-specific part
 
 
 class VALLE(nn.Module):
@@ -763,7 +856,8 @@ class VALLE(nn.Module):
     def forward(self, batch, stage):
         """Both stages' losses on a batch of TTSDataset items (padded, with lengths): the AR's
         cross-entropy on the target's first codebook and its end token, the NAR's on codebook
-        `stage` (B,) of each example. One forward, so that DDP syncs both stages' gradients."""
+        `stage` (B,) of each example. One forward, so that DDP syncs both stages' gradients
+        (DEVIATION 2: the paper trains the two as separate models)."""
         B = len(batch["text"])
         X, P, Y = (int(batch[k].max()) for k in ("text_len", "prompt_len", "target_len"))
         texts = [batch["text"][i, :batch["text_len"][i]] for i in range(B)]
@@ -790,7 +884,9 @@ class VALLE(nn.Module):
 class TTSDataset(torch.utils.data.Dataset):
     """Examples of equal shape (so that the generic fit's DataLoader stacks them): the phoneme ids,
     the target's codes and a prompt of `prompt_frames` from another utterance of the same speaker
-    (a random window, drawn from (seed, epoch, index)), each right-padded, with their lengths."""
+    (a random window, drawn from (seed, epoch, index)), each right-padded, with their lengths.
+    VALLE.forward cuts each batch back to its longest row, so the padding costs no compute."""
+    # DEVIATION 1: the prompt comes from another utterance of the speaker, for both stages
 
     def __init__(self, entries, codes, vocab, cfg, run, frame_rate, seed=0):
         self.max_text, self.Q = run.max_text, cfg.num_codebooks
@@ -852,6 +948,7 @@ class Trainer:
             self.G = nn.parallel.DistributedDataParallel(self.model, ids)
         torch.manual_seed(run.seed + rank)  # dropout differs per rank
         self.step_count = 0
+        self.codec, self.sample_pair = None, None  # set by train(), for write_sample
 
     def lr_at(self, step):
         """Linear warm-up over warmup_steps, then a cosine from lr down to lr * min_lr_ratio at
@@ -887,8 +984,22 @@ class Trainer:
         return {"ar": ar.item(), "nar": nar.item(), "|g|": norm.item(),
                 "lr": self.opt.param_groups[0]["lr"]}
 
-    def write_sample(self, stem):  # WIP: samples during training come with --sample
-        pass
+    def write_sample(self, stem):
+        """stem.wav: a validation sentence spoken in the voice of another of its speaker's
+        utterances (3 s), sampled with its own generator (the training RNG is not touched)."""
+        if self.sample_pair is None:  # a manifest without a validation split
+            return
+        target, prompt_entry = self.sample_pair
+        codec = self.codec
+        try:
+            self.model.vocab.encode(target["phonemes"])
+        except ValueError:  # a symbol the training split lacks: no sample, no crash
+            return
+        ref = load(prompt_entry["path"], codec.sample_rate, codec.channels)[0]
+        wav, codes, capped = synthesize(self.model, codec, target["phonemes"],
+                                        prompt_codes(codec, ref, codec.sample_rate),
+                                        generator=torch.Generator().manual_seed(0))
+        save(Path(f"{stem}.wav"), wav.cpu(), codec.sample_rate)
 
     def state_dict(self):
         """Everything an exact resume needs. Collective under DDP: every rank's RNG state."""
@@ -909,20 +1020,25 @@ class Trainer:
         set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
 
 
-def train(cfg, run, resume=False, interrupt_after=None):
-    """WIP: one process, both stages at once, on the demo corpus (or a manifest). resume: continue
-    the run in run.out exactly (its vocabulary, weights, optimiser, step and RNG)."""
+def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
+    """A whole run: both stages at once, on the demo corpus's training split (or a manifest's),
+    with DDP under torchrun. resume: continue the run in run.out exactly (its vocabulary,
+    weights, optimiser, step and RNG). Returns the trainer and this process's per-step stats."""
     rank, world, device = setup_distributed()
     master = rank == 0
-    start = load_checkpoint(Path(run.out) / "ckpt.pt") if resume else None
+    out = Path(run.out)
+    if not resume and not overwrite and (out / "ckpt.pt").is_file():
+        raise ValueError(f"{out} already holds a training run (ckpt.pt); continue it with "
+                         f"--resume, or start over with --overwrite")
+    if run.batch_size % world:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by {world} processes")
+    start = load_checkpoint(out / "ckpt.pt") if resume else None
     threads, why = pick_threads(run.threads, world) if device.type == "cpu" else (0, "")
     if threads:
         torch.set_num_threads(threads)
     entries = read_manifest(run.data or demo_manifest(), "train")
-    codec, kind = load_codec(run.codec)
-    if codec.codebook_size != cfg.codebook_size or codec.num_codebooks != cfg.num_codebooks:
-        raise ValueError(f"{run.codec}: {codec.num_codebooks} x {codec.codebook_size} codes; the "
-                         f"config models {cfg.num_codebooks} x {cfg.codebook_size}")
+    codec, kind = load_codec(run.codec, cfg.num_codebooks)
+    check_codec(codec, cfg, run.codec)
     t0 = time.time()
     if master:  # rank 0 fills the cache, the others read it
         codes = token_cache(codec, run.codec, entries, run.out)
@@ -942,6 +1058,11 @@ def train(cfg, run, resume=False, interrupt_after=None):
     trainer = Trainer(cfg, run, vocab.symbols, rank, world, device)
     if start:
         trainer.load_state_dict(start)
+    trainer.codec = codec
+    valid = read_manifest(run.data or demo_manifest(), "valid")
+    if master and valid:  # a sample during training: a validation sentence, another one's prompt
+        same = [e for e in valid if e["speaker"] == valid[0]["speaker"]]
+        trainer.sample_pair = (valid[0], same[1] if len(same) > 1 else valid[0])
     if master:
         Path(run.out).mkdir(parents=True, exist_ok=True)
         n = sum(p.numel() for p in trainer.model.parameters()) / 1e6
@@ -955,69 +1076,316 @@ def train(cfg, run, resume=False, interrupt_after=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# Inference (§3.4) and the command line (WIP)
+# Inference (§4.3): AR sampling of the first codebook, NAR greedy for the others, the codec decodes
+
+MIN_PROMPT_SECONDS = 1.0  # our choice: below 1 s the voice is barely defined (the paper: 3 s)
+
+
+def prompt_codes(codec, wav, sample_rate, seconds=3.0):
+    """The acoustic prompt (1, Q, P): the first `seconds` of `wav` (C, T) at `sample_rate`, coded
+    by the codec. A tensor at another rate or channel count, NaN, or shorter than
+    MIN_PROMPT_SECONDS gets a one-line error."""
+    if not torch.is_tensor(wav) or not wav.is_floating_point() or wav.dim() != 2:
+        raise ValueError(f"the prompt must be a float tensor (channels, samples), got "
+                         f"{type(wav).__name__} {tuple(getattr(wav, 'shape', ()))}")
+    if sample_rate != codec.sample_rate:
+        raise ValueError(f"the prompt is at {sample_rate} Hz; the codec takes {codec.sample_rate} Hz "
+                         f"(common.audio.load(path, {codec.sample_rate}) converts a file)")
+    if wav.shape[0] != codec.channels:
+        raise ValueError(f"the prompt has {wav.shape[0]} channel(s); the codec takes "
+                         f"{codec.channels}")
+    if not torch.isfinite(wav).all():
+        raise ValueError("the prompt has NaN or Inf samples")
+    if wav.shape[-1] < MIN_PROMPT_SECONDS * sample_rate:
+        raise ValueError(f"the prompt is {wav.shape[-1] / sample_rate:.2f} s; it needs at least "
+                         f"{MIN_PROMPT_SECONDS:g} s of the voice (the paper: 3 s)")
+    sent = codec.encode(wav[None, :, :int(seconds * sample_rate)])
+    return getattr(sent, "codes", sent).long()  # (1, Q, P)
 
 
 @torch.no_grad()
-def synthesize(model, codec, phonemes, prompt_wav, temperature=1.0, top_k=0, top_p=1.0,
+def synthesize(model, codec, phonemes, prompt, temperature=1.0, top_k=0, top_p=1.0, best_of=1,
                max_frames=None, generator=None):
-    """Zero-shot TTS: the AR samples the first codebook after the prompt's (a cap of 16 frames
-    per phoneme unless max_frames, lifeiteng's), the NAR fills the others greedily, the codec
-    decodes. phonemes: the manifest's format; prompt_wav (1, T) at the codec's rate. Returns the
-    waveform (1, T'), the codes (Q, Y) and whether the cap was hit."""
+    """Zero-shot TTS (§4.3): the AR samples the first codebook after the prompt's, up to its end
+    token or a cap of 16 frames per phoneme unless max_frames (lifeiteng's); the NAR fills the
+    other codebooks greedily; the codec decodes. phonemes: the manifest's format; prompt: codes
+    (1, Q, P) (prompt_codes); the cap never passes the model's max_len. best_of N: N AR samples in one batch, the one with the highest
+    log-probability per token (end token included) kept (VALL-E X's best_of). Returns the
+    waveform (C, T), the codes (Q, Y) and whether the cap was hit."""
     model.eval()
-    text = model.vocab.encode(phonemes)[None]  # (1, X)
-    if prompt_wav.shape[-1] < codec.sample_rate // 2:
-        raise ValueError(f"the prompt is {prompt_wav.shape[-1] / codec.sample_rate:.2f} s; it "
-                         f"needs at least 0.5 s (the paper: 3 s)")
-    sent = codec.encode(prompt_wav[None])
-    prompt = getattr(sent, "codes", sent).long()  # (1, Q, P)
-    cap = max_frames or 16 * text.shape[1]
-    first, n = model.ar.generate(text, prompt[:, 0], cap, temperature, top_k, top_p,
-                                 generator=generator)
-    first = first[:, :max(1, int(n[0]))]
-    codes = model.nar.generate(text, prompt, first)  # (1, Q, Y)
-    wav = codec.decode(codes)[0]
-    return wav, codes[0], int(n[0]) == cap
+    if best_of < 1:
+        raise ValueError(f"best_of must be at least 1, got {best_of}")
+    if prompt.dim() != 3 or prompt.shape[:2] != (1, model.cfg.num_codebooks):
+        raise ValueError(f"prompt codes must be (1, {model.cfg.num_codebooks}, frames), got "
+                         f"{tuple(prompt.shape)}")
+    dev = next(model.parameters()).device
+    text, prompt = model.vocab.encode(phonemes)[None].to(dev), prompt.to(dev)  # (1, X), (1, Q, P)
+    cap = min(max_frames or 16 * text.shape[1], model.cfg.max_len - prompt.shape[-1])
+    if cap < 1:
+        raise ValueError(f"the prompt's {prompt.shape[-1]} frames fill the model's max_len "
+                         f"{model.cfg.max_len} positions; use a shorter prompt")
+    first, n, logp = model.ar.generate(text.expand(best_of, -1), prompt[:, 0].expand(best_of, -1),
+                                       cap, temperature, top_k, top_p, generator=generator)
+    best = int((logp / (n + (n < cap)).clamp(min=1)).argmax())  # per token, the end one included
+    y = max(1, int(n[best]))  # an end token at once still decodes one frame
+    codes = model.nar.generate(text, prompt, first[best:best + 1, :y])  # (1, Q, Y)
+    codes = codes.cpu()
+    return codec.decode(codes)[0], codes[0], int(n[best]) == cap
+
+
+def resolve_codec_path(path):
+    """A codec path as stored in a VALL-E checkpoint: relative to the working directory, or else
+    to this file's folder (the shipped checkpoints/...)."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (Path(__file__).parent / p).is_file():
+        return Path(__file__).parent / p
+    return p
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation (§5.2): WER, speaker similarity and duration on voices held out of training
+
+
+def eval_pairs(data=None, limit=None):
+    """(target, prompt, other) manifest entries for the evaluation: every test utterance of a voice
+    with no training utterance (the demo corpus holds out two), its prompt the next utterance of
+    that voice (test or valid split, in the manifest's order), `other` an utterance of another
+    held-out voice (for the similarity to a different voice). A manifest without held-out
+    voices: its test voices, said in a note."""
+    rows = read_manifest(data or demo_manifest())
+    trained = {e["speaker"] for e in rows if e["split"] == "train"}
+    test = [e for e in rows if e["split"] == "test"]
+    held = sorted({e["speaker"] for e in test} - trained)
+    if not held:
+        print("note: no test voice is held out of training; the evaluation uses seen voices",
+              file=sys.stderr)
+        held = sorted({e["speaker"] for e in test})
+    pool = {s: [e for e in rows if e["speaker"] == s and e["split"] != "train"] for s in held}
+    pairs = []
+    for e in test:
+        if e["speaker"] not in pool or len(pool[e["speaker"]]) < 2:
+            continue
+        same = pool[e["speaker"]]
+        prompt = same[(same.index(e) + 1) % len(same)]
+        others = [s for s in held if s != e["speaker"]] or [s for s in trained]
+        other_voice = others[len(pairs) % len(others)]
+        other = pool[other_voice][0] if other_voice in pool else next(
+            r for r in rows if r["speaker"] == other_voice)
+        pairs.append((e, prompt, other))
+    return pairs[:limit]
+
+
+def evaluate(model, codec, pairs, temperature=1.0, top_k=0, top_p=1.0, best_of=1, n_qs=None,
+             seed=0, out=None):
+    """The evaluation table over `pairs` (eval_pairs): for the ground truth, the codec's
+    resynthesis and VALL-E (a 3 s prompt from another utterance of the voice): Whisper WER, the
+    digit WER of the digit strings (pocketsphinx), the speaker similarity to the prompt's
+    utterance (SPK) and to a different voice's (SPK-other), the duration ratio to the ground
+    truth and the share of outputs that hit the length cap. n_qs: also VALL-E decoded with only
+    the first n codebooks (the NAR's contribution). out: a folder for the synthesised wavs.
+    Returns the rows (dicts)."""
+    from common import evaluation
+    rate, g = codec.sample_rate, torch.Generator().manual_seed(seed)
+    names = ["truth", "resynthesis", "valle"] + [f"valle n_q={n}" for n in (n_qs or [])]
+    acc = {n: {"wer": [], "dwer": [], "spk": [], "spk_other": [], "ratio": [], "cap": []}
+           for n in names}
+    for i, (target, prompt_entry, other) in enumerate(pairs):
+        wav = load(target["path"], rate, codec.channels)[0]
+        ref = load(prompt_entry["path"], rate, codec.channels)[0]
+        other_wav = load(other["path"], rate, codec.channels)[0]
+        prompt = prompt_codes(codec, ref, rate)
+        out_wav, codes, capped = synthesize(model, codec, target["phonemes"], prompt, temperature,
+                                            top_k, top_p, best_of, generator=g)
+        sent = codec.encode(wav[None])
+        outputs = {"truth": (wav, False), "valle": (out_wav, capped),
+                   "resynthesis": (codec.decode(sent)[0, :, :wav.shape[-1]], False)}
+        for n in n_qs or []:
+            outputs[f"valle n_q={n}"] = (codec.decode(codes[None, :n])[0], capped)
+        if out:
+            save(Path(out) / f"{Path(target['path']).stem}.wav", out_wav, rate)
+        for name, (x, hit) in outputs.items():
+            a = acc[name]
+            a["wer"].append(evaluation.wer(target["text"], x, rate))
+            if target.get("kind") == "digits":
+                a["dwer"].append(evaluation.digit_wer(target["text"], x, rate))
+            a["spk"].append(evaluation.speaker_similarity(ref, x, rate))
+            a["spk_other"].append(evaluation.speaker_similarity(other_wav, x, rate))
+            a["ratio"].append(x.shape[-1] / wav.shape[-1])
+            a["cap"].append(float(hit))
+        if sys.stderr.isatty():
+            print(f"\r  {i + 1}/{len(pairs)}", end="", file=sys.stderr, flush=True)
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    rows = [{"name": n, **{k: mean(v) for k, v in acc[n].items()}, "n": len(acc[n]["wer"]),
+             "n_digits": len(acc[n]["dwer"])} for n in names]
+    return rows
+
+
+def format_eval(rows):
+    """The evaluation table as text, one line per system."""
+    head = (f"{'system':<14} {'WER':>6} {'dWER':>6} {'SPK':>6} {'SPK-oth':>7} {'dur':>5} "
+            f"{'cap':>5}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['name']:<14} {r['wer']:>6.1%} {r['dwer']:>6.1%} {r['spk']:>6.3f} "
+                     f"{r['spk_other']:>7.3f} {r['ratio']:>5.2f} {r['cap']:>5.0%}")
+    r = rows[0]
+    lines.append(f"{r['n']} held-out utterances ({r['n_digits']} digit strings). WER: Whisper-base; "
+                 f"dWER: pocketsphinx digits; SPK: resemblyzer cosine to the prompt's utterance, "
+                 f"SPK-oth: to another voice's; dur: duration / the ground truth's; cap: share of "
+                 f"outputs at the length cap")
+    return "\n".join(lines)
+
+# -------------------------------------------------------------------------------------------------
+# The command line
+
+
+# Copied from soundstream.py: field_help
+def field_help(cls):
+    """The comment after each field in the dataclass's source: the -h text of its flag."""
+    helps, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"    (\w+): [^#]*#\s*(.*)", line)
+        if m:
+            name, helps[m[1]] = m[1], m[2]
+        elif name and re.match(r"\s{20,}#\s*(.*)", line):  # a continued comment
+            helps[name] += " " + line.strip()[1:].strip()
+    return helps
+
+
+# Copied from soundstream.py: Parser
+class Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):  # name a mistyped flag before anything else
+        known = [o for a in self._actions for o in a.option_strings]
+        for arg in sys.argv[1:] if args is None else args:
+            flag = str(arg).split("=")[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                self.error(f"unknown flag {flag}{hint}")
+        return super().parse_args(args, namespace)
+
+    def error(self, message):  # one line, not the whole usage
+        self.exit(2, f"error: {message} (python {Path(__file__).name} -h lists the flags)\n")
+
+
+def build_parser():
+    p = Parser(description="VALL-E (Wang et al. 2023): train, zero-shot TTS, evaluate.",
+               allow_abbrev=False)
+    act = p.add_mutually_exclusive_group(required=True)
+    act.add_argument("--train", action="store_true", help="train both stages (DDP by torchrun)")
+    act.add_argument("--sample", action="store_true", help="text + prompt wav -> speech (--out)")
+    act.add_argument("--eval", action="store_true", help="WER / speaker / duration table on the "
+                     "held-out voices")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="default: paper")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUT that has a run")
+    p.add_argument("--codec_official", metavar="TH", help="Meta's EnCodec weights as the "
+                   "tokenizer (its first num_codebooks codebooks), instead of --codec")
+    p.add_argument("--ckpt", help="model.pt (or ckpt.pt) for --sample / --eval")
+    p.add_argument("--text", help="new text (needs espeak-ng for its phonemes)")
+    p.add_argument("--phonemes", help="phonemes in the manifest's format, instead of --text")
+    p.add_argument("--prompt", metavar="WAV", help="3 s (or more) of the target voice")
+    p.add_argument("--temperature", type=float, default=1.0, help="AR sampling (0: greedy)")
+    p.add_argument("--top_k", type=int, default=0, help="AR sampling: keep the k best (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="AR sampling: nucleus (1: all)")
+    p.add_argument("--best_of", type=int, default=1, help="N AR samples, the most likely kept")
+    p.add_argument("--max_frames", type=int, help="AR length cap (default: 16 per phoneme)")
+    p.add_argument("--limit", type=int, help="--eval: the first N held-out utterances")
+    p.add_argument("--n_qs", default="", help="--eval: also decode with these numbers of "
+                   "codebooks, e.g. 1,2,4")
+    for cls in (Config, TrainConfig):  # every config field is a flag, typed from its default
+        group = p.add_argument_group(f"{cls.__name__} fields ({cls.__doc__.split('.')[0].lower()})")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            values = {name: getattr(c if cls is Config else r, f.name)
+                      for name, (c, r) in PRESETS.items()}
+            shown = ", ".join(f"{n}: {v}" for n, v in values.items() if n in ("paper", "tiny"))
+            kw = {"help": f"{helps.get(f.name, '')} [{shown}]".replace("%", "%%")}
+            if isinstance(f.default, bool):
+                kw.update(type=parse_bool, metavar="BOOL")
+            elif isinstance(f.default, tuple):
+                kw.update(type=lambda s, t=type(f.default[0]): tuple(t(v) for v in s.split(",")),
+                          metavar="A,B")
+            else:
+                kw.update(type=type(f.default), choices=CHOICES.get(f.name))
+            group.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+# Copied from soundstream.py: parse_bool
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# run settings a resumed run may change; everything else is fixed by its checkpoint
+RESUME_OVERRIDES = ("steps", "log_every", "sample_every", "ckpt_every", "num_workers", "threads")
+
+
+# Copied from soundstream.py: configs_from_args
+def configs_from_args(args):
+    """(Config, TrainConfig): the preset with the flags given on the command line."""
+    cfg, run = PRESETS[args.preset]
+    given = [{f.name: getattr(args, f.name) for f in dataclasses.fields(c)
+              if getattr(args, f.name) is not None} for c in (Config, TrainConfig)]
+    if args.resume:
+        ckpt = load_checkpoint(Path(args.out or run.out) / "ckpt.pt")
+        cfg = config_from_dict(Config, ckpt["config"], args.out)
+        run = config_from_dict(TrainConfig, ckpt["train_config"], args.out)
+        changed = sorted(k for d, c in zip(given, (cfg, run)) for k, v in d.items()
+                         if k not in RESUME_OVERRIDES + ("out",) and v != getattr(c, k))
+        if changed:
+            raise ValueError(f"cannot change {', '.join(changed)} when resuming; only "
+                             f"{', '.join(RESUME_OVERRIDES)}")
+    return dataclasses.replace(cfg, **given[0]), dataclasses.replace(run, **given[1])
 
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="VALL-E (WIP): train, sample.")
-    act = p.add_mutually_exclusive_group(required=True)
-    act.add_argument("--train", action="store_true")
-    act.add_argument("--sample", action="store_true")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int)
-    p.add_argument("--out")
-    p.add_argument("--ckpt")
-    p.add_argument("--text", help="new text (needs espeak-ng)")
-    p.add_argument("--phonemes", help="phonemes in the manifest's format, instead of --text")
-    p.add_argument("--prompt", help="a prompt wav of the target voice")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.codec_official:
+        if args.codec:
+            raise ValueError("give --codec or --codec_official, not both")
+        args.codec = OFFICIAL + args.codec_official
     if args.train:
-        cfg, run = PRESETS[args.preset]
-        run = dataclasses.replace(run, **{k: v for k, v in (("steps", args.steps),
-                                                            ("out", args.out)) if v is not None})
-        trainer, _ = train(cfg, run)
+        cfg, run = configs_from_args(args)
+        train(cfg, run, resume=args.resume, overwrite=args.overwrite)
         return
-    if not (args.ckpt and args.prompt and args.out and (args.text or args.phonemes)):
-        raise ValueError("--sample needs --ckpt, --prompt, --out and --text or --phonemes")
+    if not args.ckpt:
+        raise ValueError("--ckpt is required (e.g. runs/valle_tiny/model.pt)")
     model = VALLE.load(args.ckpt)
-    codec, _ = load_codec(model.codec_path)
-    phonemes = args.phonemes or phonemize(args.text)
-    wav, _ = load(args.prompt, codec.sample_rate, codec.channels, notice=True)
-    out, codes, capped = synthesize(model, codec, phonemes, wav,
-                                    generator=torch.Generator().manual_seed(args.seed))
-    from common.audio import save
+    codec, _ = load_codec(model.codec_path, model.cfg.num_codebooks)
+    check_codec(codec, model.cfg, model.codec_path)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              best_of=args.best_of)
+    seed = args.seed if args.seed is not None else 0
+    if args.eval:
+        n_qs = [int(v) for v in args.n_qs.split(",") if v]
+        pairs = eval_pairs(args.data, args.limit)
+        print(f"{args.ckpt}: {len(pairs)} held-out utterances, prompts of 3 s from another "
+              f"utterance of the voice", flush=True)
+        print(format_eval(evaluate(model, codec, pairs, n_qs=n_qs, seed=seed, out=args.out,
+                                   **kw)))
+        return
+    if not (args.prompt and args.out):
+        raise ValueError("--sample needs --prompt (a wav of the voice) and --out (the wav to write)")
+    if args.phonemes is None and args.text is None:
+        raise ValueError("--sample needs --text (or --phonemes)")
+    phonemes = args.phonemes if args.phonemes is not None else phonemize(args.text, args.data)
+    if not phonemes.strip():
+        raise ValueError("the text is empty")
+    wav, sr = load(args.prompt, codec.sample_rate, codec.channels, notice=True)
+    prompt = prompt_codes(codec, wav, sr, 3.0)
+    out, codes, capped = synthesize(model, codec, phonemes, prompt, max_frames=args.max_frames,
+                                    generator=torch.Generator().manual_seed(seed), **kw)
     save(args.out, out, codec.sample_rate)
-    print(f"{args.out}: {out.shape[-1] / codec.sample_rate:.2f} s, {codes.shape[-1]} frames"
-          + (" (the length cap was hit)" if capped else ""))
+    print(f"{args.out}: {out.shape[-1] / codec.sample_rate:.2f} s, {codes.shape[-1]} frames of "
+          f"{codes.shape[0]} codebooks" + (" (the length cap was hit)" if capped else ""))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (AudioError, ValueError, FileNotFoundError, FloatingPointError) as e:  # no traceback
         sys.exit(f"error: {e}")

@@ -36,7 +36,7 @@ def main():
     out, seconds = {}, {}
     for cache in (True, False):
         t = time.perf_counter()
-        out[cache], _ = model.generate(text, prompt, args.tokens, temperature=0, use_cache=cache)
+        out[cache], _, _ = model.generate(text, prompt, args.tokens, temperature=0, use_cache=cache)
         seconds[cache] = time.perf_counter() - t
     print(f"torch {torch.__version__}, 1 thread, d {args.dim}, {args.layers} layers, {args.tokens} new tokens "
           f"after 20 phonemes + 75 prompt frames")

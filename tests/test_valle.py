@@ -58,16 +58,17 @@ def test_kv_cache_is_token_identical_to_recomputation():
     m = model(1)
     text, prompt = torch.randint(20, (3, 5)), torch.randint(16, (3, 4))
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(temperature=0.8, top_p=0.9)):
-        a, la = m.generate(text, prompt, 30, use_cache=True, generator=torch.Generator().manual_seed(0), **kw)
-        b, lb = m.generate(text, prompt, 30, use_cache=False, generator=torch.Generator().manual_seed(0), **kw)
+        a, la, pa = m.generate(text, prompt, 30, use_cache=True, generator=torch.Generator().manual_seed(0), **kw)
+        b, lb, pb = m.generate(text, prompt, 30, use_cache=False, generator=torch.Generator().manual_seed(0), **kw)
         assert torch.equal(a, b) and torch.equal(la, lb), kw
+        assert torch.allclose(pa, pb, atol=1e-4), kw
 
 
 def test_each_row_stops_at_its_own_end_token(monkeypatch):
     m = model()
     script = iter([torch.tensor([3, 16, 5]), torch.tensor([16, 7, 9]), torch.tensor([2, 2, 16])])
     monkeypatch.setattr(valle, "sample", lambda logits, *a, **k: next(script))
-    out, lengths = m.generate(torch.randint(20, (3, 2)), torch.zeros(3, 0, dtype=torch.long), 5)
+    out, lengths, _ = m.generate(torch.randint(20, (3, 2)), torch.zeros(3, 0, dtype=torch.long), 5)
     assert lengths.tolist() == [1, 0, 2]  # new tokens before each row's end token
     assert out[:, :3].tolist() == [[3, 16, 16], [16, 16, 16], [5, 9, 16]]  # after the end: the end id
     assert (out[:, 3:] == 16).all()  # all rows done: the loop stopped
@@ -76,8 +77,23 @@ def test_each_row_stops_at_its_own_end_token(monkeypatch):
 def test_length_cap_without_an_end_token(monkeypatch):
     m = model()
     monkeypatch.setattr(valle, "sample", lambda logits, *a, **k: torch.zeros(len(logits), dtype=torch.long))
-    out, lengths = m.generate(torch.randint(20, (2, 2)), torch.zeros(2, 1, dtype=torch.long), 7)
+    out, lengths, _ = m.generate(torch.randint(20, (2, 2)), torch.zeros(2, 1, dtype=torch.long), 7)
     assert lengths.tolist() == [7, 7] and (out == 0).all()
+
+
+def test_generate_log_probability_is_that_of_teacher_forcing(monkeypatch):
+    """The score best-of-N ranks by: log p of each sampled token, the end token included, nothing after it, equal
+    to the log-softmax of a teacher-forced forward pass at the same tokens."""
+    m = model(2)
+    text, prompt = torch.randint(20, (2, 3)), torch.randint(16, (2, 2))
+    script = iter([torch.tensor([4, 16]), torch.tensor([16, 16]), torch.tensor([9, 9])])
+    monkeypatch.setattr(valle, "sample", lambda logits, *a, **k: next(script))
+    out, lengths, logp = m.generate(text, prompt, 3)
+    assert lengths.tolist() == [1, 0]
+    full = torch.cat([prompt, torch.tensor([[4, 16], [16, 16]])], dim=1)  # (2, 4): prompt, then new tokens
+    lp = m(text, full).log_softmax(-1)  # (2, 4, 17): prediction of audio token t at index t
+    expect = torch.stack([lp[0, 2, 4] + lp[0, 3, 16], lp[1, 2, 16]])
+    assert torch.allclose(logp, expect, atol=1e-5)
 
 
 def test_top_k_and_top_p_by_hand():
@@ -226,15 +242,24 @@ def test_zero_shot_synthesis_runs_end_to_end_on_the_shipped_tokenizer():
     torch.manual_seed(0)
     model = valle.VALLE(cfg, vocab.symbols, codec_path)
     wav = load(entries[0]["path"], 16000, 1)[0]
-    out, codes, capped = valle.synthesize(model, codec, entries[1]["phonemes"], wav, max_frames=10,
+    prompt = valle.prompt_codes(codec, wav, 16000)
+    assert prompt.shape == (1, 8, min(150, wav.shape[-1] // 320))  # the first 3 s at 50 Hz
+    out, codes, capped = valle.synthesize(model, codec, entries[1]["phonemes"], prompt, max_frames=10,
                                           generator=torch.Generator().manual_seed(0))
     assert kind == "encodec" and codes.shape[0] == 8 and codes.shape[1] <= 10 and out.shape[0] == 1
     assert out.shape[-1] == codes.shape[1] * 320
-    import pytest
-    with pytest.raises(ValueError, match="needs at least 0.5 s"):
-        valle.synthesize(model, codec, entries[1]["phonemes"], wav[:, :4000])
-    with pytest.raises(ValueError, match="lacks: q"):
-        valle.synthesize(model, codec, "h_ə q", wav)
+    # best-of-N keeps the sample with the highest log-probability per token, its end token counted (a row at the
+    # cap has none): the raw sum would pick row 0, a count without the end token row 2
+    rows = torch.arange(30).view(3, 10) % 256
+    scripted = (rows, torch.tensor([2, 5, 10]), torch.tensor([-3.3, -5.4, -9.5]))
+    seen = {}
+
+    def fake_generate(text, prompt_first, cap, *a, **k):
+        seen.update(batch=text.shape[0], cap=cap)
+        return scripted
+    model.ar.generate = fake_generate
+    _, codes, capped = valle.synthesize(model, codec, entries[1]["phonemes"], prompt, best_of=3, max_frames=10)
+    assert seen == {"batch": 3, "cap": 10} and torch.equal(codes[0], rows[1, :5]) and not capped
 
 
 def test_resume_continues_bit_exactly(tmp_path):
@@ -285,3 +310,181 @@ def test_ddp_two_processes_keep_both_stages_identical(tmp_path):
     init = valle.VALLE(valle.config_from_dict(valle.Config, saved["config"]), saved["symbols"], "x").state_dict()
     assert not torch.equal(a["ar.head.weight"], init["ar.head.weight"])
     assert not torch.equal(a["nar.blocks.0.attn.qkv.weight"], init["nar.blocks.0.attn.qkv.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: each a one-line error that names the problem
+
+
+def shipped_codec():
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / "encodec_16khz_8x256.pt"
+    return valle.load_codec(path)[0], path
+
+
+def small_valle(codec_path, num_codebooks=8):
+    from common.data import demo_manifest, read_manifest
+    vocab = valle.PhonemeVocab.from_entries(read_manifest(demo_manifest(), "train"))
+    cfg = valle.Config(dim=32, heads=4, layers=1, ffn=64, dropout=0.0, text_vocab=len(vocab.symbols),
+                       codebook_size=256, num_codebooks=num_codebooks, max_len=512)
+    torch.manual_seed(0)
+    return valle.VALLE(cfg, vocab.symbols, str(codec_path))
+
+
+def test_bad_text_and_prompts_get_one_line_errors(monkeypatch):
+    import pytest
+    codec, path = shipped_codec()
+    model = small_valle(path)
+    wav = torch.randn(1, 16000 * 2) * 0.1
+    for text in ("", "   "):
+        with pytest.raises(ValueError, match="the text is empty"):
+            valle.phonemize(text)
+    with pytest.raises(ValueError, match="has no phonemes"):
+        model.vocab.encode("  ")
+    with pytest.raises(ValueError, match=r"lacks: q ʘ \(it knows 99\)"):
+        model.vocab.encode("h_ə q_ʘ")
+    with pytest.raises(ValueError, match="is 0.50 s; it needs at least 1 s"):
+        valle.prompt_codes(codec, wav[:, :8000], 16000)
+    with pytest.raises(ValueError, match="at 24000 Hz; the codec takes 16000 Hz"):
+        valle.prompt_codes(codec, wav, 24000)
+    with pytest.raises(ValueError, match="has 2 channel"):
+        valle.prompt_codes(codec, wav.expand(2, -1), 16000)
+    nan = wav.clone()
+    nan[0, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        valle.prompt_codes(codec, nan, 16000)
+    with pytest.raises(ValueError, match=r"prompt codes must be \(1, 8, frames\)"):
+        valle.synthesize(model, codec, "h_ə", torch.zeros(1, 4, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="best_of must be at least 1"):
+        valle.synthesize(model, codec, "h_ə", valle.prompt_codes(codec, wav, 16000), best_of=0)
+    assert valle.prompt_codes(codec, wav, 16000).shape == (1, 8, 100)  # 2 s: all of it (less than 3 s)
+
+
+def test_codec_checkpoints_of_the_wrong_kind_or_with_too_few_codebooks(tmp_path):
+    import pytest
+    import encodec as ours
+    codec, path = shipped_codec()
+    model = small_valle(path)
+    model.save(tmp_path / "valle.pt")
+    with pytest.raises(ValueError, match="is a 'valle' checkpoint, not a codec's"):
+        valle.load_codec(tmp_path / "valle.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        valle.load_codec(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="torch.load"):
+        valle.load_codec(tmp_path / "junk.pt")
+    cfg, _ = ours.PRESETS["tiny"]
+    import dataclasses
+    ours.EnCodec(dataclasses.replace(cfg, num_quantizers=1, bandwidths=(0.25,))).save(tmp_path / "one.pt")
+    with pytest.raises(ValueError, match="with 1 codebook; VALL-E needs at least 2"):
+        valle.load_codec(tmp_path / "one.pt")
+    with pytest.raises(ValueError, match="8 x 256 codes; the model takes 4 x 256"):
+        valle.check_codec(codec, small_valle(path, num_codebooks=4).cfg, "codec.pt")
+    with pytest.raises(ValueError, match="is a 'encodec' checkpoint, not a 'valle' one"):
+        valle.VALLE.load(path)
+
+
+def test_without_espeak_new_text_uses_the_manifests_phonemes(monkeypatch):
+    import pytest
+    from common.data import demo_manifest, read_manifest
+    e = read_manifest(demo_manifest())[0]
+    monkeypatch.setattr(valle.shutil, "which", lambda name: None)
+    assert valle.phonemize(e["text"].upper() + "  ") == e["phonemes"]  # case and spacing do not matter
+    with pytest.raises(ValueError, match="espeak-ng is not installed"):
+        valle.phonemize("Zebras quietly juggle marmalade.")
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    run = lambda *a: subprocess.run([sys.executable, "valle.py", *a], cwd=root, capture_output=True,  # noqa: E731
+                                    text=True)
+    r = run("--sample", "--ckpt", str(tmp_path / "none.pt"), "--prompt", "x.wav", "--text", "hi", "--out", "o.wav")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'none.pt'} not found"]
+    r = run("--sample", "--best_off", "2")
+    assert r.returncode == 2 and "unknown flag --best_off; did you mean --best_of?" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sample_command_writes_speech_in_the_prompts_voice(tmp_path):
+    codec, path = shipped_codec()
+    small_valle(path).save(tmp_path / "model.pt")
+    from common.data import demo_manifest, read_manifest
+    e = read_manifest(demo_manifest(), "test")[0]
+    valle.main(["--sample", "--ckpt", str(tmp_path / "model.pt"), "--prompt", e["path"], "--phonemes", "h_ə l_oʊ",
+                "--max_frames", "12", "--best_of", "2", "--out", str(tmp_path / "out.wav")])
+    import soundfile
+    wav, sr = soundfile.read(tmp_path / "out.wav")
+    assert sr == 16000 and 320 <= len(wav) <= 12 * 320
+    import pytest
+    with pytest.raises(ValueError, match="needs --prompt"):
+        valle.main(["--sample", "--ckpt", str(tmp_path / "model.pt"), "--phonemes", "h_ə"])
+    with pytest.raises(ValueError, match="the text is empty"):
+        valle.main(["--sample", "--ckpt", str(tmp_path / "model.pt"), "--prompt", e["path"], "--phonemes", " ",
+                    "--out", str(tmp_path / "o.wav")])
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    import dataclasses
+    cfg, run = valle.PRESETS["tiny"]
+    run = dataclasses.replace(run, lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    t = valle.Trainer(valle.Config(dim=32, heads=4, layers=1, ffn=64, text_vocab=8, codebook_size=16, max_len=64),
+                      run, ["<pad>", "a"])
+    assert math.isclose(t.lr_at(0), 1e-4) and math.isclose(t.lr_at(9), 1e-3)
+    assert math.isclose(t.lr_at(10), 1e-3) and math.isclose(t.lr_at(60), 1e-3 * (0.1 + 0.9 * 0.5))
+    assert math.isclose(t.lr_at(110), 1e-4) and math.isclose(t.lr_at(500), 1e-4)
+
+
+def test_eval_pairs_hold_voices_out_and_prompt_from_another_utterance():
+    from common.data import demo_manifest, read_manifest
+    rows = read_manifest(demo_manifest())
+    trained = {e["speaker"] for e in rows if e["split"] == "train"}
+    pairs = valle.eval_pairs()
+    assert len(pairs) == 24  # the 12 test utterances of each of the two held-out voices
+    assert {t["speaker"] for t, _, _ in pairs} == {"festival-ked_diphone", "pico-en-GB"}
+    for target, prompt, other in pairs:
+        assert target["split"] == "test" and target["speaker"] not in trained
+        assert prompt["speaker"] == target["speaker"] and prompt["path"] != target["path"]
+        assert prompt["split"] != "train" and other["speaker"] != target["speaker"]
+
+
+def test_evaluate_scores_each_output_against_the_right_reference(monkeypatch):
+    """The metrics replaced by lengths: every column is the mean of what it was computed on, so a swapped
+    reference (the target's voice for the prompt's, or the output for the truth) shows."""
+    from common import evaluation
+    from common.audio import load
+    codec, path = shipped_codec()
+    model = small_valle(path)
+    pairs = valle.eval_pairs(limit=2)
+    lengths = []
+    monkeypatch.setattr(evaluation, "wer", lambda text, x, sr: lengths.append(x.shape[-1]) or x.shape[-1])
+    monkeypatch.setattr(evaluation, "digit_wer", lambda text, x, sr: -1.0)
+    monkeypatch.setattr(evaluation, "speaker_similarity", lambda ref, x, sr: ref.shape[-1] * 1000 + x.shape[-1])
+    rows = {r["name"]: r for r in valle.evaluate(model, codec, pairs, n_qs=[1])}
+    n = lambda e: load(e["path"], 16000, 1)[0].shape[-1]  # noqa: E731
+    truth = [n(t) for t, _, _ in pairs]
+    assert lengths[0::4] == truth  # per pair: truth, VALL-E, resynthesis, VALL-E at n_q = 1
+    assert rows["truth"]["wer"] == sum(truth) / 2 and rows["truth"]["ratio"] == 1.0
+    assert rows["truth"]["spk"] == sum(n(p) * 1000 + n(t) for t, p, _ in pairs) / 2
+    assert rows["truth"]["spk_other"] == sum(n(o) * 1000 + n(t) for t, _, o in pairs) / 2
+    assert lengths[2::4] == truth  # the resynthesis is trimmed to the input's length
+    assert lengths[1::4] == lengths[3::4]  # fewer codebooks decoded: the same frames
+    assert math.isclose(rows["valle"]["ratio"], sum(y / t for y, t in zip(lengths[1::4], truth)) / 2)
+    assert rows["valle"]["cap"] in (0.0, 0.5, 1.0) and rows["truth"]["cap"] == 0.0
+    assert rows["truth"]["n"] == 2 and rows["truth"]["n_digits"] == 0
+    assert "held-out utterances" in valle.format_eval(list(rows.values()))
+
+
+def test_positions_past_max_len_are_an_error_and_the_cap_stays_within_them():
+    import pytest
+    m = model()  # max_len 128
+    with pytest.raises(ValueError, match="129 positions; the model has max_len 128"):
+        m(torch.randint(20, (1, 3)), torch.randint(16, (1, 130)))
+    nar = valle.NARModel(CFG)
+    with pytest.raises(ValueError, match="130 positions; the model has max_len 128"):
+        nar(torch.randint(20, (1, 3)), torch.randint(16, (1, 8, 100)), torch.randint(16, (1, 8, 30)),
+            torch.tensor([1]))
+    out, n, _ = m.generate(torch.randint(20, (1, 3)), torch.randint(16, (1, 100)), 28)  # 128 positions: fine
+    assert out.shape == (1, 28)
