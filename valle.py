@@ -42,7 +42,8 @@ Exact resume: on CPU a resumed run repeats the uninterrupted one bit for bit (te
 
 Commands
   python valle.py --train --preset tiny                       # demo corpus, CPU, < 20 min
-  python valle.py --train --preset paper --data libri.jsonl --codec_official encodec_24khz-d7cc33bc.th
+  python valle.py --train --preset paper --data libri.jsonl \
+      --codec_official encodec_24khz-d7cc33bc.th
   torchrun --standalone --nproc_per_node=8 valle.py --train --preset paper --data libri.jsonl
   python valle.py --train --resume --out runs/valle_tiny       # continue where it stopped
   python valle.py --sample --ckpt runs/valle_tiny/model.pt --prompt voice.wav --text "Hello." \
@@ -136,7 +137,7 @@ PRESETS = {
                     codebook_size=256, max_len=1024),
              TrainConfig(codec="checkpoints/encodec_16khz_8x256.pt", prompt_seconds=3.0,
                          max_text=200, max_seconds=8.0, lr=1e-3, batch_size=8,
-                         out="runs/valle_tiny", steps=2500, log_every=100, ckpt_every=500,
+                         out="runs/valle_tiny", steps=2400, log_every=100, ckpt_every=500,
                          sample_every=1250)),
 }
 
@@ -338,7 +339,8 @@ class ARModel(nn.Module):
             for i, block in enumerate(self.blocks):
                 h = block(h, mask, caches[i] if use_cache else None)
             logits = self.head(self.norm(h[:, -1])).float()  # (B, K + 1)
-            token = torch.where(done, self.eos, sample(logits, temperature, top_k, top_p, generator))
+            token = sample(logits, temperature, top_k, top_p, generator)
+            token = torch.where(done, self.eos, token)
             step_logp = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
             logp = logp + torch.where(done, 0.0, step_logp)
             newly = (token == self.eos) & ~done
@@ -1089,8 +1091,8 @@ def prompt_codes(codec, wav, sample_rate, seconds=3.0):
         raise ValueError(f"the prompt must be a float tensor (channels, samples), got "
                          f"{type(wav).__name__} {tuple(getattr(wav, 'shape', ()))}")
     if sample_rate != codec.sample_rate:
-        raise ValueError(f"the prompt is at {sample_rate} Hz; the codec takes {codec.sample_rate} Hz "
-                         f"(common.audio.load(path, {codec.sample_rate}) converts a file)")
+        raise ValueError(f"the prompt is at {sample_rate} Hz; the codec takes {codec.sample_rate} "
+                         f"Hz (common.audio.load(path, {codec.sample_rate}) converts a file)")
     if wav.shape[0] != codec.channels:
         raise ValueError(f"the prompt has {wav.shape[0]} channel(s); the codec takes "
                          f"{codec.channels}")
@@ -1109,9 +1111,10 @@ def synthesize(model, codec, phonemes, prompt, temperature=1.0, top_k=0, top_p=1
     """Zero-shot TTS (§4.3): the AR samples the first codebook after the prompt's, up to its end
     token or a cap of 16 frames per phoneme unless max_frames (lifeiteng's); the NAR fills the
     other codebooks greedily; the codec decodes. phonemes: the manifest's format; prompt: codes
-    (1, Q, P) (prompt_codes); the cap never passes the model's max_len. best_of N: N AR samples in one batch, the one with the highest
-    log-probability per token (end token included) kept (VALL-E X's best_of). Returns the
-    waveform (C, T), the codes (Q, Y) and whether the cap was hit."""
+    (1, Q, P) (prompt_codes); the cap never passes the model's max_len. best_of N: N AR samples
+    in one batch, the one with the highest log-probability per token (end token included) kept
+    (VALL-E X's best_of). Returns the waveform (C, T), the codes (Q, Y) and whether the cap was
+    hit."""
     model.eval()
     if best_of < 1:
         raise ValueError(f"best_of must be at least 1, got {best_of}")
@@ -1174,6 +1177,36 @@ def eval_pairs(data=None, limit=None):
     return pairs[:limit]
 
 
+def readable_pairs(model, pairs):
+    """The pairs whose text the model's vocabulary covers; a note names each one left out."""
+    out = []
+    for p in pairs:
+        try:
+            model.vocab.encode(p[0]["phonemes"])
+            out.append(p)
+        except ValueError as e:
+            print(f"note: {p[0]['path']} left out: {e}", file=sys.stderr)
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model, codec, pairs):
+    """Teacher-forced cross-entropy (nats) of both stages on `pairs` (eval_pairs), the prompt the
+    first 3 s of the prompt's utterance: the AR's on the target's first codebook and end token,
+    the NAR's averaged over codebooks 2..Q. Returns (AR, NAR), each a mean over utterances."""
+    model.eval()
+    Q, rate, ar, nar = model.cfg.num_codebooks, codec.sample_rate, [], []
+    for target, prompt_entry, _ in readable_pairs(model, pairs):
+        prompt = prompt_codes(codec, load(prompt_entry["path"], rate, codec.channels)[0], rate)[0]
+        sent = codec.encode(load(target["path"], rate, codec.channels)[0][None])
+        codes = getattr(sent, "codes", sent)[0].long()  # (Q, Y)
+        text = model.vocab.encode(target["phonemes"])
+        ar.append(ar_loss(model.ar, *ar_batch([text], [prompt[0]], [codes[0]], model.ar.eos)))
+        batch = nar_batch([text] * (Q - 1), [prompt] * (Q - 1), [codes] * (Q - 1))
+        nar.append(nar_loss(model.nar, *batch, torch.arange(1, Q)))
+    return torch.stack(ar).mean().item(), torch.stack(nar).mean().item()
+
+
 def evaluate(model, codec, pairs, temperature=1.0, top_k=0, top_p=1.0, best_of=1, n_qs=None,
              seed=0, out=None):
     """The evaluation table over `pairs` (eval_pairs): for the ground truth, the codec's
@@ -1184,6 +1217,7 @@ def evaluate(model, codec, pairs, temperature=1.0, top_k=0, top_p=1.0, best_of=1
     the first n codebooks (the NAR's contribution). out: a folder for the synthesised wavs.
     Returns the rows (dicts)."""
     from common import evaluation
+    pairs = readable_pairs(model, pairs)
     rate, g = codec.sample_rate, torch.Generator().manual_seed(seed)
     names = ["truth", "resynthesis", "valle"] + [f"valle n_q={n}" for n in (n_qs or [])]
     acc = {n: {"wer": [], "dwer": [], "spk": [], "spk_other": [], "ratio": [], "cap": []}
@@ -1228,7 +1262,8 @@ def format_eval(rows):
         lines.append(f"{r['name']:<14} {r['wer']:>6.1%} {r['dwer']:>6.1%} {r['spk']:>6.3f} "
                      f"{r['spk_other']:>7.3f} {r['ratio']:>5.2f} {r['cap']:>5.0%}")
     r = rows[0]
-    lines.append(f"{r['n']} held-out utterances ({r['n_digits']} digit strings). WER: Whisper-base; "
+    lines.append(f"{r['n']} held-out utterances ({r['n_digits']} digit strings). WER: Whisper-base;"
+                 f" "
                  f"dWER: pocketsphinx digits; SPK: resemblyzer cosine to the prompt's utterance, "
                  f"SPK-oth: to another voice's; dur: duration / the ground truth's; cap: share of "
                  f"outputs at the length cap")
@@ -1365,11 +1400,14 @@ def main(argv=None):
         pairs = eval_pairs(args.data, args.limit)
         print(f"{args.ckpt}: {len(pairs)} held-out utterances, prompts of 3 s from another "
               f"utterance of the voice", flush=True)
+        ar, nar = heldout_loss(model, codec, pairs)
+        print(f"teacher-forced loss: AR {ar:.3f}, NAR {nar:.3f} nats", flush=True)
         print(format_eval(evaluate(model, codec, pairs, n_qs=n_qs, seed=seed, out=args.out,
                                    **kw)))
         return
     if not (args.prompt and args.out):
-        raise ValueError("--sample needs --prompt (a wav of the voice) and --out (the wav to write)")
+        raise ValueError("--sample needs --prompt (a wav of the voice) and --out (the wav to "
+                         "write)")
     if args.phonemes is None and args.text is None:
         raise ValueError("--sample needs --text (or --phonemes)")
     phonemes = args.phonemes if args.phonemes is not None else phonemize(args.text, args.data)

@@ -488,3 +488,24 @@ def test_positions_past_max_len_are_an_error_and_the_cap_stays_within_them():
             torch.tensor([1]))
     out, n, _ = m.generate(torch.randint(20, (1, 3)), torch.randint(16, (1, 100)), 28)  # 128 positions: fine
     assert out.shape == (1, 28)
+
+
+def test_the_shipped_checkpoint_matches_its_card():
+    """checkpoints/valle_tiny.pt: the sha256 on its card, and the teacher-forced loss of both stages on the first 6
+    held-out utterances within 0.01 nats of the card's: a change to valle.py that breaks the shipped weights (a
+    layout, a mask, a position, a norm) fails here."""
+    import hashlib
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    card = (root / "checkpoints" / "README.md").read_text()
+    m = re.search(r"^- file: `valle\.py`, checkpoint: `(checkpoints/valle_tiny\.pt)`\n- sha256: `([0-9a-f]{64})`\n"
+                  r"- test check, teacher-forced on the first 6 held-out utterances: AR ([\d.]+), NAR ([\d.]+) nats",
+                  card, re.M)
+    assert m, "the card has no valle_tiny.pt section"
+    path = root / m[1]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == m[2]
+    model = valle.VALLE.load(path)
+    codec, _ = valle.load_codec(model.codec_path)
+    ar, nar = valle.heldout_loss(model, codec, valle.eval_pairs(limit=6))
+    assert abs(ar - float(m[3])) < 0.01 and abs(nar - float(m[4])) < 0.01, (ar, nar)
