@@ -82,18 +82,36 @@ def test_length_cap_without_an_end_token(monkeypatch):
 
 
 def test_generate_log_probability_is_that_of_teacher_forcing(monkeypatch):
-    """The score best-of-N ranks by: log p of each sampled token, the end token included, nothing after it, equal
-    to the log-softmax of a teacher-forced forward pass at the same tokens."""
+    """The score best-of-N ranks by: log p of each sampled token, the end token included, nothing after it, under
+    the model's own distribution (not the tempered or filtered one), equal to the log-softmax of a teacher-forced
+    forward pass at the same tokens; at the first step the end token is excluded (an utterance has a frame)."""
     m = model(2)
     text, prompt = torch.randint(20, (2, 3)), torch.randint(16, (2, 2))
-    script = iter([torch.tensor([4, 16]), torch.tensor([16, 16]), torch.tensor([9, 9])])
+    script = iter([torch.tensor([4, 5]), torch.tensor([16, 7]), torch.tensor([9, 16])])
     monkeypatch.setattr(valle, "sample", lambda logits, *a, **k: next(script))
-    out, lengths, logp = m.generate(text, prompt, 3)
-    assert lengths.tolist() == [1, 0]
-    full = torch.cat([prompt, torch.tensor([[4, 16], [16, 16]])], dim=1)  # (2, 4): prompt, then new tokens
-    lp = m(text, full).log_softmax(-1)  # (2, 4, 17): prediction of audio token t at index t
-    expect = torch.stack([lp[0, 2, 4] + lp[0, 3, 16], lp[1, 2, 16]])
+    out, lengths, logp = m.generate(text, prompt, 3, temperature=0.5, top_k=3)
+    assert lengths.tolist() == [1, 2]
+    full = torch.cat([prompt, torch.tensor([[4, 16, 16], [5, 7, 16]])], dim=1)  # (2, 5): prompt, new tokens
+    logits = m(text, full)  # (2, 5, 17): the prediction of audio token t at index t
+    lp = logits.log_softmax(-1)
+    first = logits[:, 2].clone()
+    first[:, 16] = float("-inf")
+    lp0 = first.log_softmax(-1)
+    expect = torch.stack([lp0[0, 4] + lp[0, 3, 16], lp0[1, 5] + lp[1, 3, 7] + lp[1, 4, 16]])
     assert torch.allclose(logp, expect, atol=1e-5)
+
+
+def test_the_end_token_never_comes_first():
+    m = model(3)
+    with torch.no_grad():  # the final norm outputs e_0 everywhere: logits = head.weight[:, 0]
+        m.norm.weight.zero_()
+        m.norm.bias.zero_()
+        m.norm.bias[0] = 1.0
+        m.head.weight[:, 0] = 0.0
+        m.head.weight[16, 0] = 50.0  # the end token: all but certain at every step
+    out, lengths, _ = m.generate(torch.randint(20, (4, 3)), torch.randint(16, (4, 2)), 5,
+                                 generator=torch.Generator().manual_seed(0))
+    assert lengths.tolist() == [1, 1, 1, 1] and (out[:, 0] != 16).all() and (out[:, 1:] == 16).all()
 
 
 def test_top_k_and_top_p_by_hand():
@@ -110,6 +128,11 @@ def test_top_k_and_top_p_by_hand():
     perm = logits[:, [2, 0, 3, 1]]
     assert torch.equal(torch.isinf(valle.filter_logits(perm, top_p=0.7)), torch.tensor([[True, False, True, False]]))
     assert valle.sample(logits, temperature=0).tolist() == [0]
+    import pytest
+    for kw, what in ((dict(temperature=-1), "temperature must be >= 0"), (dict(top_k=-1), "top_k must be >= 0"),
+                     (dict(top_p=0.0), r"top_p in \(0, 1\]"), (dict(top_p=1.5), r"top_p in \(0, 1\]")):
+        with pytest.raises(ValueError, match=what):
+            valle.sample(logits, **{"temperature": 1.0, **kw})
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([valle.sample(logits, 1.0, generator=g) for _ in range(4000)])
     freq = torch.bincount(draws[:, 0], minlength=4).float() / 4000
@@ -164,7 +187,7 @@ def test_nar_stage_is_per_row_and_conditions_the_norms():
     assert not torch.allclose(m(text, prompt, t, torch.tensor([2, 2])), a)
 
 
-def test_nar_heads_are_tied_to_the_next_stages_input_embedding():
+def test_nar_head_of_codebook_j_is_the_transpose_of_codebook_js_embedding():
     m = nar()
     text, target = torch.randint(20, (1, 3)), torch.randint(16, (1, 8, 6))
     prompt = torch.zeros(1, 8, 0, dtype=torch.long)  # no prompt: codebook 3's embedding is no input of stage 3
@@ -426,15 +449,17 @@ def test_sample_command_writes_speech_in_the_prompts_voice(tmp_path):
                     "--out", str(tmp_path / "o.wav")])
 
 
-def test_learning_rate_warms_up_then_follows_the_cosine():
+def test_learning_rate_warms_up_then_decays_linearly():
     import dataclasses
     cfg, run = valle.PRESETS["tiny"]
     run = dataclasses.replace(run, lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
     t = valle.Trainer(valle.Config(dim=32, heads=4, layers=1, ffn=64, text_vocab=8, codebook_size=16, max_len=64),
                       run, ["<pad>", "a"])
     assert math.isclose(t.lr_at(0), 1e-4) and math.isclose(t.lr_at(9), 1e-3)
-    assert math.isclose(t.lr_at(10), 1e-3) and math.isclose(t.lr_at(60), 1e-3 * (0.1 + 0.9 * 0.5))
+    assert math.isclose(t.lr_at(10), 1e-3) and math.isclose(t.lr_at(35), 1e-3 * (1 - 0.9 * 0.25))
     assert math.isclose(t.lr_at(110), 1e-4) and math.isclose(t.lr_at(500), 1e-4)
+    paper = valle.PRESETS["paper"][1]
+    assert (paper.lr, paper.warmup_steps, paper.min_lr_ratio, paper.steps) == (5e-4, 32_000, 0.0, 800_000)
 
 
 def test_eval_pairs_hold_voices_out_and_prompt_from_another_utterance():
@@ -467,7 +492,7 @@ def test_evaluate_scores_each_output_against_the_right_reference(monkeypatch):
     truth = [n(t) for t, _, _ in pairs]
     assert lengths[0::4] == truth  # per pair: truth, VALL-E, resynthesis, VALL-E at n_q = 1
     assert rows["truth"]["wer"] == sum(truth) / 2 and rows["truth"]["ratio"] == 1.0
-    assert rows["truth"]["spk"] == sum(n(p) * 1000 + n(t) for t, p, _ in pairs) / 2
+    assert rows["truth"]["spk"] == sum(min(n(p), 48000) * 1000 + n(t) for t, p, _ in pairs) / 2  # the 3 s prompt
     assert rows["truth"]["spk_other"] == sum(n(o) * 1000 + n(t) for t, _, o in pairs) / 2
     assert lengths[2::4] == truth  # the resynthesis is trimmed to the input's length
     assert lengths[1::4] == lengths[3::4]  # fewer codebooks decoded: the same frames
@@ -509,3 +534,90 @@ def test_the_shipped_checkpoint_matches_its_card():
     codec, _ = valle.load_codec(model.codec_path)
     ar, nar = valle.heldout_loss(model, codec, valle.eval_pairs(limit=6))
     assert abs(ar - float(m[3])) < 0.01 and abs(nar - float(m[4])) < 0.01, (ar, nar)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions, the adaptive norm, the dataset's prompts and the stage draw, each by hand
+
+
+def test_ar_positions_restart_at_zero_for_the_audio():
+    """lifeiteng's separate positions: phoneme i gets pe[i], audio token t gets pe[t] (not pe[X + t]), each scaled by
+    its own alpha; the embeddings are scaled by sqrt(D)."""
+    m = model()
+    with torch.no_grad():
+        m.text_alpha.fill_(0.5)
+        m.audio_alpha.fill_(2.0)
+    text, audio = torch.randint(20, (1, 3)), torch.randint(16, (1, 4))
+    h = m.embed(text, audio)
+    D = CFG.dim
+    torch.testing.assert_close(h[0, :3], m.text_embedding.weight[text[0]] * D ** 0.5 + 0.5 * m.pe[:3])
+    torch.testing.assert_close(h[0, 3:], m.audio_embedding.weight[audio[0]] * D ** 0.5 + 2.0 * m.pe[:4])
+    # with the cache, the newest token's position is its index in the audio
+    torch.testing.assert_close(m.embed(None, audio[:, 3:], audio_offset=3)[0, 0], h[0, 6])
+
+
+def test_nar_target_positions_continue_the_prompts():
+    """NAR input at stage j: [phonemes + pe[:X]; prompt (all codebooks) + pe[:P]; target codebooks < j + pe[P:P+Y]]:
+    read off the first block's input by a forward hook."""
+    m = nar()
+    with torch.no_grad():
+        m.text_alpha.fill_(0.5)
+        m.audio_alpha.fill_(2.0)
+    X, P, Y = 2, 3, 4
+    text, prompt, target = torch.randint(20, (1, X)), torch.randint(16, (1, 8, P)), torch.randint(16, (1, 8, Y))
+    seen = {}
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("h", args[0]))
+    m(text, prompt, target, torch.tensor([3]))
+    h, s = seen["h"][0], CFG.dim ** 0.5
+    emb = lambda q, ids: m.audio_embeddings[q].weight[ids]  # noqa: E731
+    torch.testing.assert_close(h[:X], m.text_embedding.weight[text[0]] * s + 0.5 * m.pe[:X])
+    torch.testing.assert_close(h[X:X + P], sum(emb(q, prompt[0, q]) for q in range(8)) * s + 2.0 * m.pe[:P])
+    torch.testing.assert_close(h[X + P:], sum(emb(q, target[0, q]) for q in range(3)) * s + 2.0 * m.pe[P:P + Y])
+
+
+def test_adaptive_layer_norm_by_hand():
+    torch.manual_seed(0)
+    norm = valle.AdaptiveLayerNorm(4)
+    x, cond = torch.randn(2, 3, 4), torch.randn(2, 4)
+    gamma, beta = norm.project(cond).chunk(2, dim=-1)  # (2, 4) each
+    plain = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(norm(x, cond), (1 + gamma[:, None]) * plain + beta[:, None])
+
+
+def test_dataset_prompts_come_from_another_utterance_of_the_same_speaker():
+    import dataclasses
+    items = {f"u{i}": torch.full((8, 40 + i), i) for i in range(6)}  # utterance i: every code is i
+    entries = [{"path": f"u{i}", "phonemes": "a_b c", "speaker": "s0" if i < 3 else "s1"} for i in range(6)]
+    vocab = valle.PhonemeVocab(["a", "b", "c", " "])
+    cfg = dataclasses.replace(CFG, num_codebooks=8)
+    _, run = valle.PRESETS["tiny"]
+    run = dataclasses.replace(run, prompt_seconds=0.5, max_seconds=1.0, max_text=8)  # 25 and 50 frames at 50 Hz
+    ds = valle.TTSDataset(entries, items, vocab, cfg, run, frame_rate=50)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(6):
+            x = ds[i]
+            source = int(x["prompt"][0, 0])
+            assert source != i and (source < 3) == (i < 3)  # another utterance, the same speaker
+            assert x["prompt_len"] == 25 and (x["prompt"] == source).all()
+            assert x["target_len"] == 40 + i and (x["target"][:, :40 + i] == i).all()
+            assert (x["target"][:, 40 + i:] == 0).all() and x["target"].shape == (8, 50)
+            assert x["text_len"] == 4 and x["text"].tolist()[:4] == vocab.encode("a_b c").tolist()
+    with __import__("pytest").raises(ValueError, match="speakers with one utterance have no prompt: s2"):
+        valle.TTSDataset(entries + [{"path": "u0", "phonemes": "a", "speaker": "s2"}], items, vocab, cfg, run, 50)
+
+
+def test_the_stage_is_drawn_per_example_from_codebooks_1_to_q_minus_1(monkeypatch):
+    import dataclasses
+    _, run = valle.PRESETS["tiny"]
+    run = dataclasses.replace(run, warmup_steps=1, steps=10)
+    trainer = valle.Trainer(dataclasses.replace(CFG, text_vocab=8), run, ["<pad>", "a"])
+    drawn = []
+    monkeypatch.setattr(trainer, "wrapped", lambda batch, stage: (drawn.append(stage) or
+                                                                  (torch.zeros((), requires_grad=True),) * 2))
+    batch = {"text": torch.ones(16, 2, dtype=torch.long)}
+    for _ in range(20):
+        trainer.step(batch)
+    stages = torch.cat(drawn)
+    assert stages.min() == 1 and stages.max() == CFG.num_codebooks - 1  # never codebook 0 (the AR's)
+    assert len(set(tuple(s.tolist()) for s in drawn)) == 20  # per example, not one per batch
