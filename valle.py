@@ -107,6 +107,7 @@ class Config:
     layers: int = 12               # 12 layers (§5.1)
     ffn: int = 4096                # feed-forward 4096 (§5.1)
     dropout: float = 0.1           # dropout 0.1 (§5.1)
+    attn_dropout: float = 0.1      # on the attention weights too (lifeiteng: MultiheadAttention's)
     text_vocab: int = 512          # phoneme ids (lifeiteng NUM_TEXT_TOKENS)
     codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§5.1)
     num_codebooks: int = 8         # (§5.1)
@@ -141,16 +142,19 @@ class TrainConfig:
 
 PRESETS = {
     "paper": (Config(), TrainConfig()),
-    # CPU preset: narrow and shallow, on the shipped 8 x 256 EnCodec tokenizer (50 Hz). No dropout:
-    # on CPU its masks were 42 % of a step (torch.profiler, 8 x 420 tokens), and without them
-    # attention takes the fused kernel: 2.6x faster in all
-    "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.0, text_vocab=128,
-                    codebook_size=256, max_len=1024),
+    # CPU preset: narrow and shallow, on the shipped 8 x 256 EnCodec tokenizer (50 Hz). No dropout on
+    # the attention weights: on CPU those masks were 42 % of a step (torch.profiler, 8 x 420 tokens),
+    # and without them attention takes the fused kernel (2.6x faster steps). Dropout elsewhere, and
+    # 800 steps: without dropout the held-out loss rose from step ~1000 on while the training loss
+    # fell (memorising 281 utterances); with it the rise starts later and is slower, from ~800 on
+    # (benchmarks/results/valle_tiny_overfit.txt)
+    "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.1, attn_dropout=0.0,
+                    text_vocab=128, codebook_size=256, max_len=1024),
              TrainConfig(codec="checkpoints/encodec_16khz_8x256.pt", prompt_seconds=3.0,
                          max_text=200, max_seconds=8.0, lr=1e-3, warmup_steps=200,
                          min_lr_ratio=0.1, batch_size=8,
-                         out="runs/valle_tiny", steps=2400, log_every=100, ckpt_every=500,
-                         sample_every=1250)),
+                         out="runs/valle_tiny", steps=800, log_every=100, ckpt_every=200,
+                         sample_every=400)),
 }
 
 
@@ -199,7 +203,7 @@ class AdaptiveLayerNorm(nn.Module):
     The 1 + is our choice (lifeiteng: gamma(c) on an affine LN): with a small init the norm starts
     as a plain LN; without it the NAR's blocks start switched off (gamma ~ 0): on the tiny preset
     its loss fell 0.09 nats in the first 100 steps, against 0.46 with it (the same batches,
-    benchmarks/results/valle_init_ab.txt)."""
+    benchmarks/results/lm_init_ab.txt)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -216,12 +220,12 @@ class Block(nn.Module):
     with a ReLU feed-forward of width `ffn` and dropout after each sub-layer. adaptive: both norms
     are AdaptiveLayerNorm on `cond` (the NAR's stage)."""
 
-    def __init__(self, dim, heads, ffn, dropout, adaptive=False):
+    def __init__(self, dim, heads, ffn, dropout, adaptive=False, attn_dropout=None):
         super().__init__()
         norm = AdaptiveLayerNorm if adaptive else nn.LayerNorm
         self.norm1, self.norm2 = norm(dim), norm(dim)
         self.adaptive = adaptive
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout if attn_dropout is None else attn_dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(ffn, dim))
         self.drop = nn.Dropout(dropout)
@@ -291,10 +295,11 @@ class ARModel(nn.Module):
         self.text_alpha, self.audio_alpha = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         # embeddings times sqrt(D) (Vaswani et al. §3.4; our choice): at N(0, 0.02) they would be
         # ~30x smaller than the positions; with it the AR's loss at step 150 of the tiny preset
-        # was 4.28 against 4.96 (benchmarks/results/valle_init_ab.txt)
+        # was 4.28 against 4.96 (benchmarks/results/lm_init_ab.txt)
         self.scale = math.sqrt(D)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout,
+                                          attn_dropout=cfg.attn_dropout)
                                     for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, K + 1, bias=False)
@@ -402,7 +407,8 @@ class NARModel(nn.Module):
         self.text_alpha, self.audio_alpha = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         self.scale = math.sqrt(D)  # embeddings (not the tied heads) times sqrt(D), as the AR's
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout, adaptive=True)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout, adaptive=True,
+                                          attn_dropout=cfg.attn_dropout)
                                     for _ in range(cfg.layers))
         self.norm = AdaptiveLayerNorm(D)
         self.register_buffer("pe", sinusoids(cfg.max_len, D), persistent=False)
@@ -1429,7 +1435,7 @@ def main(argv=None):
     seed = args.seed if args.seed is not None else 0
     if args.eval:
         n_qs = [int(v) for v in args.n_qs.split(",") if v]
-        pairs = eval_pairs(args.data, args.limit)
+        pairs = readable_pairs(model, eval_pairs(args.data, args.limit))
         print(f"{args.ckpt}: {len(pairs)} held-out utterances, prompts of 3 s from another "
               f"utterance of the voice", flush=True)
         ar, nar = heldout_loss(model, codec, pairs)
