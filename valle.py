@@ -142,12 +142,12 @@ class TrainConfig:
 
 PRESETS = {
     "paper": (Config(), TrainConfig()),
-    # CPU preset: narrow and shallow, on the shipped 8 x 256 EnCodec tokenizer (50 Hz). No dropout on
-    # the attention weights: on CPU those masks were 42 % of a step (torch.profiler, 8 x 420 tokens),
-    # and without them attention takes the fused kernel (2.6x faster steps). Dropout elsewhere, and
-    # 800 steps: without dropout the held-out loss rose from step ~1000 on while the training loss
-    # fell (memorising 281 utterances); with it the rise starts later and is slower, from ~800 on
-    # (benchmarks/results/valle_tiny_overfit.txt)
+    # CPU preset: narrow and shallow, on the shipped 8 x 256 EnCodec tokenizer (50 Hz). No dropout
+    # on the attention weights: on CPU those masks were 42 % of a step (torch.profiler, 8 x 420
+    # tokens), and without them attention takes the fused kernel (2.6x faster steps). Dropout
+    # elsewhere, and 800 steps: on 281 utterances the held-out loss stops falling after ~400-800
+    # steps and then rises while the training loss falls, fast without dropout
+    # (benchmarks/results/valle_tiny_overfit.txt, valle_tiny_curve.txt)
     "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.1, attn_dropout=0.0,
                     text_vocab=128, codebook_size=256, max_len=1024),
              TrainConfig(codec="checkpoints/encodec_16khz_8x256.pt", prompt_seconds=3.0,
@@ -248,12 +248,19 @@ def sinusoids(length, dim, device=None):
     return pe
 
 
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Keep the top_k largest logits (0: all) and the smallest set whose probabilities sum to at
-    least top_p (1.0: all); the others become -inf. logits (..., V)."""
+def check_sampling(temperature=1.0, top_k=0, top_p=1.0):
+    """A one-line error for settings no sampler can use."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"top_k must be >= 0 (0: off) and top_p in (0, 1] (1: off); got top_k "
                          f"{top_k}, top_p {top_p}")
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits (0: all) and the smallest set whose probabilities sum to at
+    least top_p (1.0: all); the others become -inf. logits (..., V)."""
+    check_sampling(1.0, top_k, top_p)
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -269,8 +276,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One id per row of logits (B, V): greedy at temperature 0, else multinomial over the filtered
     softmax(logits / temperature)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
@@ -1432,6 +1438,9 @@ def main(argv=None):
     check_codec(codec, model.cfg, model.codec_path)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               best_of=args.best_of)
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before any work
+    if args.best_of < 1:
+        raise ValueError(f"best_of must be at least 1, got {args.best_of}")
     seed = args.seed if args.seed is not None else 0
     if args.eval:
         n_qs = [int(v) for v in args.n_qs.split(",") if v]

@@ -202,7 +202,7 @@ TEMPLATE_BLOCKS = {"soundstream.py": [
     "Parser", "parse_bool", "eval_utterances", "configs_from_args"],
     # the LM template's generic parts (issue 15): audiolm.py and audiogen.py carry them
     "valle.py": ["prefix_lm_mask", "Attention", "AdaptiveLayerNorm", "Block", "sinusoids",
-                 "filter_logits", "sample"]}
+                 "check_sampling", "filter_logits", "sample"]}
 
 
 @pytest.mark.parametrize("origin", sorted(TEMPLATE_BLOCKS))

@@ -621,3 +621,24 @@ def test_the_stage_is_drawn_per_example_from_codebooks_1_to_q_minus_1(monkeypatc
     stages = torch.cat(drawn)
     assert stages.min() == 1 and stages.max() == CFG.num_codebooks - 1  # never codebook 0 (the AR's)
     assert len(set(tuple(s.tolist()) for s in drawn)) == 20  # per example, not one per batch
+
+
+def test_the_papers_tokenizer_loads_from_metas_weights(tmp_path):
+    """--codec_official: Meta's EnCodec 24 kHz file (built here by the official package with random weights, saved
+    as its state dict, as the released .th is) gives the paper's tokens, 8 x 1024 at 75 Hz (6 kbps), which the
+    paper preset takes; a VALL-E trained on it stores the spec and reloads the same codec."""
+    from test_encodec import import_official, official_model
+    official = import_official()
+    torch.save(official_model(official, "24khz").state_dict(), tmp_path / "encodec_24khz.th")
+    spec = valle.OFFICIAL + str(tmp_path / "encodec_24khz.th")
+    codec, kind = valle.load_codec(spec, num_codebooks=8)
+    cfg = valle.PRESETS["paper"][0]
+    valle.check_codec(codec, cfg, spec)  # no error: the paper preset's 8 x 1024
+    assert kind == "encodec (Meta's)" and (codec.sample_rate, codec.frame_rate) == (24000, 75)
+    codes = codec.encode(torch.randn(1, 1, 24000) * 0.1).codes
+    assert codes.shape == (1, 8, 75) and codes.max() < 1024
+    assert codec.decode(codes).shape[-1] == 24000
+    full = codec.codec.encode(torch.randn(1, 1, 24000) * 0.1).codes  # the model itself sends all 32
+    assert full.shape[1] == 32
+    with __import__("pytest").raises(ValueError, match="8 x 1024 codes; the model takes 8 x 256"):
+        valle.check_codec(codec, valle.PRESETS["tiny"][0], spec)
