@@ -1,5 +1,7 @@
-"""Tests of valle.py's generic LM parts (work in progress, branch wip/valle): the prefix-LM mask, causality by
-gradient, the KV cache against full recomputation, per-row end tokens, and the samplers by hand."""
+"""Tests of valle.py: the generic LM parts (the prefix-LM mask, causality by gradient, the KV cache against full
+recomputation, per-row end tokens, the samplers by hand), the AR and NAR layouts against naive loops, positions,
+the adaptive norm, tied heads, the dataset's prompts, exact resume and a DDP step, one-line errors for bad input,
+the evaluation's wiring, the paper's tokenizer from Meta's package, and the shipped checkpoint against its card."""
 
 import math
 
