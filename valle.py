@@ -47,6 +47,9 @@ first token. Tied NAR heads are the paper's (§4.2.2: the j-th prediction layer,
 codebook j+1 from codebooks 1..j, shares the (j+1)-th acoustic embedding's weights); lifeiteng
 ties each head to the embedding one further on and leaves the last head untied.
 
+Section numbers follow the arXiv paper's layout (§4 VALL-E, §5 experiments) as we read it; its
+text was not available offline here to re-check them, so verify against your copy.
+
 Codebooks are numbered 1..Q in prose (the paper's "codebooks 2..8") and 0..Q-1 in the code.
 
 Exact resume: on CPU a resumed run repeats the uninterrupted one bit for bit (tested).
@@ -111,7 +114,7 @@ class Config:
     text_vocab: int = 512          # phoneme ids (lifeiteng NUM_TEXT_TOKENS)
     codebook_size: int = 1024      # EnCodec 24 kHz at 6 kbps: 8 x 1024 (§5.1)
     num_codebooks: int = 8         # (§5.1)
-    max_len: int = 4096            # longest sequence the positions cover
+    max_len: int = 4096            # positions covered: 54 s at 75 Hz (our choice; 20 s crops fit)
 
 
 @dataclass
@@ -119,7 +122,7 @@ class TrainConfig:
     """How both stages are trained: data, tokens, optimiser and the run."""
     codec: str = "official:encodec_24khz-d7cc33bc.th"  # EnCodec 24 kHz, 6 kbps (§5.1): Meta's file
     prompt_seconds: float = 3.0    # 3 s prompts (§5.1; from another utterance: DEVIATION 1)
-    max_text: int = 256            # phonemes per example (longer ones are refused)
+    max_text: int = 256            # phonemes per example; longer ones are left out (our choice)
     max_seconds: float = 20.0      # longer ones are left out (§5.1 crops 10-20 s: DEVIATION 3)
     lr: float = 5e-4               # AdamW, peak 5e-4 (§5.1)
     warmup_steps: int = 32_000     # warmed up over the first 32k updates, then linear decay (§5.1)
@@ -127,15 +130,15 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.95)  # (our choice)
     weight_decay: float = 0.01     # (our choice)
     grad_clip: float = 1.0         # (our choice)
-    batch_size: int = 16           # examples per step (the paper: 6k tokens per GPU)
+    batch_size: int = 16           # examples per step (our choice; the paper: 6k tokens per GPU)
     data: str = ""                 # .jsonl manifest (text, phonemes, speaker); "": the demo corpus
     out: str = "runs/valle"        # checkpoints, log, token cache
     steps: int = 800_000           # 800k steps (§5.1)
-    seed: int = 0
-    log_every: int = 100
+    seed: int = 0                  # weights, batches, prompts and stages follow from it
+    log_every: int = 100           # steps between log lines (run settings: our choice)
     sample_every: int = 5000       # steps between samples (OUT/samples/stepN.wav)
-    ckpt_every: int = 5000
-    num_workers: int = 0
+    ckpt_every: int = 5000         # steps between OUT/ckpt.pt and OUT/model.pt
+    num_workers: int = 0           # DataLoader workers
     threads: int = 0               # CPU threads; 0: the idle cores
     amp: str = "none"              # "bf16" / "fp16" mixed precision on CUDA; ignored on CPU
 
@@ -188,13 +191,14 @@ class Attention(nn.Module):
     def forward(self, x, mask=None, cache=None):  # x (B, S, D), mask (S, S_past + S) bool
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:  # (B, H, S, D/H) each
+        # q, k, v (B, H, S, D/H) each
+        if cache is not None:  # k, v become (B, H, S_past + S, D/H)
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
+        return self.out(y.transpose(1, 2).reshape(B, S, D))  # (B, H, S, D/H) -> (B, S, D)
 
 
 class AdaptiveLayerNorm(nn.Module):
@@ -332,7 +336,7 @@ class ARModel(nn.Module):
         text_lengths (B,): rows whose phonemes are right-padded (id 0) to X; their padding is never
         attended to, and their first prediction is read at the last real phoneme."""
         B, X = text.shape
-        h = self.embed(text, audio[:, :-1])  # the last audio token predicts nothing
+        h = self.embed(text, audio[:, :-1])  # (B, S = X + A - 1, D): the last predicts nothing
         mask = prefix_lm_mask(X, h.shape[1], h.device)  # (S, S)
         if text_lengths is not None:
             real = torch.arange(h.shape[1], device=h.device)[None, :] >= X  # audio keys
@@ -344,7 +348,8 @@ class ARModel(nn.Module):
         logits = self.head(self.norm(h))  # (B, S, K + 1)
         if text_lengths is None:
             return logits[:, X - 1:]
-        first = logits[torch.arange(B), text_lengths - 1][:, None]  # at the last real phoneme
+        rows = torch.arange(B, device=h.device)
+        first = logits[rows, text_lengths - 1][:, None]  # (B, 1, K + 1): at the last real phoneme
         return torch.cat([first, logits[:, X:]], dim=1)  # (B, Y, K + 1)
 
     @torch.no_grad()
@@ -355,9 +360,8 @@ class ARModel(nn.Module):
         (B, max_new) ids, the number of new tokens of each row before its end token (B,; never 0:
         the end token cannot come first), and the log-probability of each row's sampled tokens,
         its end token included, under the model's own distribution (temperature 1, no filtering)
-        (B,). With use_cache the keys and values of
-        earlier positions are kept (each step runs one position); without, every step recomputes
-        all."""
+        (B,). With use_cache the keys and values of earlier positions are kept (each step runs one
+        position); without, every step recomputes all."""
         B, X = text.shape
         dev = text.device
         out = torch.full((B, max_new), self.eos, dtype=torch.long, device=dev)
@@ -368,10 +372,10 @@ class ARModel(nn.Module):
         audio = prompt
         for t in range(max_new):
             if use_cache and t > 0:  # only the newest token
-                h = self.embed(None, audio[:, -1:], audio_offset=audio.shape[1] - 1)
+                h = self.embed(None, audio[:, -1:], audio_offset=audio.shape[1] - 1)  # (B, 1, D)
                 mask = None  # a single query may see everything before it
             else:
-                h = self.embed(text, audio)
+                h = self.embed(text, audio)  # (B, X + P + t, D)
                 mask = prefix_lm_mask(X, h.shape[1], h.device)
             for i, block in enumerate(self.blocks):
                 h = block(h, mask, caches[i] if use_cache else None)
@@ -380,7 +384,7 @@ class ARModel(nn.Module):
                 logits[:, self.eos] = float("-inf")
             token = sample(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, self.eos, token)
-            step_logp = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+            step_logp = logits.log_softmax(-1).gather(1, token[:, None])[:, 0]  # (B,)
             logp = logp + torch.where(done, 0.0, step_logp)
             newly = (token == self.eos) & ~done
             lengths = torch.where(newly, t, lengths)
@@ -388,7 +392,7 @@ class ARModel(nn.Module):
             out[:, t] = token
             if done.all():
                 break
-            audio = torch.cat([audio, token[:, None]], dim=1)
+            audio = torch.cat([audio, token[:, None]], dim=1)  # (B, P + t + 1)
         return out, lengths, logp
 
 # -------------------------------------------------------------------------------------------------
@@ -433,8 +437,7 @@ class NARModel(nn.Module):
         Q, dev = self.cfg.num_codebooks, target.device
         seen = (torch.arange(Q, device=dev)[None, :] < stage[:, None])  # (B, Q)
         emb = torch.stack([self.audio_embeddings[k](target[:, k]) for k in range(Q)], 1)
-        emb = self.scale * emb
-        # emb (B, Q, Y, D)
+        emb = self.scale * emb  # (B, Q, Y, D)
         tgt = (emb * seen[:, :, None, None]).sum(1)  # (B, Y, D): codebooks < stage, per row
         p_len = lengths[1] if lengths is not None else torch.full((B,), P, device=dev)
         if max(X, P + Y) > self.cfg.max_len:
@@ -442,7 +445,7 @@ class NARModel(nn.Module):
         tgt_pos = self.pe[p_len[:, None] + torch.arange(Y, device=dev)[None]]  # (B, Y, D)
         h = torch.cat([self.text_embedding(text) * self.scale + self.text_alpha * self.pe[:X],
                        self.embed_codes(prompt) + self.audio_alpha * self.pe[:P],
-                       tgt + self.audio_alpha * tgt_pos], dim=1)
+                       tgt + self.audio_alpha * tgt_pos], dim=1)  # (B, S = X + P + Y, D)
         h = self.drop(h)
         mask = None
         if lengths is not None:  # keys that are no padding, in each of the three parts
@@ -454,7 +457,7 @@ class NARModel(nn.Module):
             h = block(h, mask, cond=cond)
         h = self.norm(h[:, X + P:], cond)  # (B, Y, D)
         weight = torch.stack([e.weight for e in self.audio_embeddings])[stage]  # (B, K, D): tied
-        return torch.einsum("byd,bkd->byk", h, weight)
+        return torch.einsum("byd,bkd->byk", h, weight)  # (B, Y, K)
 
     @torch.no_grad()
     def generate(self, text, prompt, first):
@@ -466,7 +469,7 @@ class NARModel(nn.Module):
         codes[:, 0] = first
         for j in range(1, Q):
             stage = torch.full((B,), j, dtype=torch.long, device=first.device)
-            codes[:, j] = self(text, prompt, codes, stage).argmax(dim=-1)
+            codes[:, j] = self(text, prompt, codes, stage).argmax(dim=-1)  # (B, Y, K) -> (B, Y)
         return codes
 
 # -------------------------------------------------------------------------------------------------
@@ -633,7 +636,7 @@ def ar_batch(texts, prompts, targets, eos):
 def ar_loss(model, text, text_lengths, audio, loss_mask):
     """Eq. (1): mean cross-entropy of the AR's predictions at the loss_mask positions."""
     logits = model(text, audio, text_lengths)  # (B, A, K + 1)
-    return F.cross_entropy(logits[loss_mask], audio[loss_mask])
+    return F.cross_entropy(logits[loss_mask], audio[loss_mask])  # (N, K + 1) against (N,)
 
 
 def nar_batch(texts, prompts, targets):
@@ -657,8 +660,9 @@ def nar_loss(model, text, prompt, target, lengths, stage):
     """Eq. (2), one codebook per row: mean cross-entropy of codebook `stage` (B,) over each row's
     real target frames."""
     logits = model(text, prompt, target, stage, lengths)  # (B, Y, K)
-    truth = target[torch.arange(len(stage)), stage]  # (B, Y): codebook `stage` of each row
-    real = torch.arange(target.shape[-1], device=target.device)[None] < lengths[2][:, None]
+    truth = target[torch.arange(len(stage), device=stage.device), stage]  # (B, Y): each row's
+    frames = torch.arange(target.shape[-1], device=target.device)
+    real = frames[None] < lengths[2][:, None]  # (B, Y): no padding
     return F.cross_entropy(logits[real], truth[real])
 
 # -------------------------------------------------------------------------------------------------
@@ -906,9 +910,9 @@ class VALLE(nn.Module):
         `stage` (B,) of each example. One forward, so that DDP syncs both stages' gradients
         (DEVIATION 2: the paper trains the two as separate models)."""
         B = len(batch["text"])
-        texts = [batch["text"][i, :batch["text_len"][i]] for i in range(B)]
-        prompts = [batch["prompt"][i, :, :batch["prompt_len"][i]] for i in range(B)]
-        targets = [batch["target"][i, :, :batch["target_len"][i]] for i in range(B)]
+        texts = [batch["text"][i, :batch["text_len"][i]] for i in range(B)]  # (X_i,) each
+        prompts = [batch["prompt"][i, :, :batch["prompt_len"][i]] for i in range(B)]  # (Q, P_i)
+        targets = [batch["target"][i, :, :batch["target_len"][i]] for i in range(B)]  # (Q, Y_i)
         dev = batch["text"].device
         ar_in = ar_batch(texts, [p[0] for p in prompts], [y[0] for y in targets], self.ar.eos)
         ar = ar_loss(self.ar, *(t.to(dev) for t in ar_in))
@@ -966,10 +970,11 @@ class TTSDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2 ** 62)
         text, codes, speaker = self.items[i]
         others = [j for j in self.by_speaker[speaker] if j != i]
-        prompt = self.items[others[int(torch.randint(len(others), (1,), generator=g))]][1]
+        prompt = self.items[others[int(torch.randint(len(others), (1,), generator=g))]][1]  # (Q, F)
         n = min(self.prompt_frames, prompt.shape[-1])
         start = int(torch.randint(prompt.shape[-1] - n + 1, (1,), generator=g))
         pad = lambda x, L: F.pad(x, (0, L - x.shape[-1]))  # noqa: E731
+        # text (max_text,), prompt (Q, prompt_frames), target (Q, max_frames), lengths ()
         return {"text": pad(text, self.max_text), "text_len": torch.tensor(len(text)),
                 "prompt": pad(prompt[:, start:start + n], self.prompt_frames),
                 "prompt_len": torch.tensor(n), "target": pad(codes, self.max_frames),
