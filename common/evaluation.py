@@ -335,6 +335,21 @@ def digit_wer(transcript, estimate, sample_rate):
     return word_error_rate(ref, " ".join(words))
 
 
+def digit_segments(estimate, sample_rate):
+    """The digit words that pocketsphinx, restricted by the digit grammar (as `digit_wer`), hears in
+    `estimate`, with their times: [(word, start s, end s)], "oh" read as "zero". For cutting a digit
+    string at a word (audiolm.py's continuation test) and for scoring the words of a continuation."""
+    audio = _at(estimate, sample_rate, _SPHINX_RATE)
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+    decoder = _sphinx()
+    decoder.start_utt()
+    decoder.process_raw(pcm, full_utt=True)
+    decoder.end_utt()
+    rate = decoder.config["frate"]  # frames per second of the segment times (100)
+    return [("zero" if s.word == "oh" else s.word, s.start_frame / rate, (s.end_frame + 1) / rate)
+            for s in decoder.seg() if s.word in _DIGIT_WORDS + ("oh",)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Speaker similarity and MCD
 # ---------------------------------------------------------------------------------------------
