@@ -3,7 +3,8 @@ AudioLM: a Language Modeling Approach to Audio Generation, in one file.
 
 Borsos, Marinier, Vincent, Kharitonov, Pietquin, Sharifi, Roblek, Teboul, Grangier, Tagliasacchi,
 Zeghidour. IEEE/ACM TASLP 2023 (arXiv 2209.03143). No official code was released: this file
-follows the paper; lucidrains/audiolm-pytorch was read for contrast (reference/lms.md §1.1). Its
+follows the paper; lucidrains/audiolm-pytorch (audiolm_pytorch/audiolm_pytorch.py) was read for
+contrast. Its
 generic LM parts are marked copies of valle.py (attention with a KV cache, Block, filter_logits,
 sample) and, through it, of soundstream.py's training blocks (tests/test_copies.py).
 
@@ -16,11 +17,12 @@ Paper -> code (sections of arXiv 2209.03143 v2, as we read them)
   §III-C three stages ............. Layout (the sequences, offsets, start / end tokens, which ids
                                     are legal where), StageLM (a decoder-only transformer with
                                     T5 relative positions), Trainer, train
-  §III-D inference ................ StageLM.generate (KV cache, per-row end tokens), generate
-                                    (unconditional, continuation), semantic_to_audio (acoustic
+  §III-D inference ................ StageLM.generate (KV cache, per-row end tokens),
+                                    AudioLM.generate (unconditional, continuation, acoustic
                                     generation from given semantic tokens)
-  §IV, §V evaluation .............. heldout_loss (against the unigram), evaluate (next digit,
-                                    voice, resynthesis from ground-truth semantic tokens)
+  §IV, §V evaluation .............. heldout_loss (against the unigram), evaluate_continuation
+                                    (next digit, voice), evaluate_acoustic (resynthesis from
+                                    ground-truth semantic tokens)
 
 Shapes: B batch, S sequence, T_s semantic tokens (25 Hz), T frames of acoustic tokens (50 Hz),
 Q codebooks (Q' = the coarse ones), K codebook size, D model width, H heads, V a stage's vocabulary.
@@ -50,8 +52,9 @@ DEVIATIONS from the paper (each tagged `# DEVIATION` where it happens)
      resemblyzer for the voice (the paper: a Conformer ASR, a speaker classifier). Compare the
      figures with the ground truth's and the codec's, never with the paper's.
   3. The paper's inference settings are not in its text that we could read; the default
-     temperatures (0.6 / 0.8 / 0.6 for the three stages) come from readers' notes of the paper,
-     and the coarse stage generates at most its training context (no sliding window).
+     temperatures (0.6 / 0.8 / 0.6 for the three stages) come from readers' notes of the paper.
+     No sliding window: a generation is at most the coarse stage's training context
+     (coarse_seconds; stage 1 is capped at as many semantic tokens).
 
 Where the paper is silent the comment says "our choice" or names lucidrains: pre-norm blocks,
 GPT-2's init, AdamW with warm-up and linear decay, no end token as the first token.
@@ -110,6 +113,9 @@ CODEC_CLASSES = {"encodec": "EnCodec", "soundstream": "SoundStream", "freqcodec"
 @dataclass
 class Config:
     """What rebuilds the three models. Defaults: the paper's (§III-C, §IV "implementation")."""
+    # The paper: "0.3B per stage". These sizes give 153.3M / 161.7M / 176.3M parameters for the
+    # three stages (151M in the blocks; the rest embeddings and heads): about half. We follow the
+    # stated sizes; what the 0.3B counts is not said.
     dim: int = 1024                # "embedding dimension of 1024", identical in all stages
     heads: int = 16                # 16 attention heads
     layers: int = 12               # 12 layers
@@ -592,7 +598,8 @@ class StageLM(nn.Module):
                  use_cache=True, generator=None):
         """Continue `prefix` (B, S0), rows left-padded with PAD, by up to max_new tokens; `first`
         is the predicted index of the first new token (Layout.legal_at). Only legal ids are
-        sampled. Each row stops at its own end token (later places hold PAD). Returns (B, max_new)
+        sampled, the end token never as the first new one. Every row is at the same predicted
+        index. Each row stops at its own end token (later places hold PAD). Returns (B, max_new)
         ids and the number of new tokens of each row before its end token (B,). With use_cache
         the keys and values of earlier positions are kept (each step runs one position);
         without, every step recomputes all."""
@@ -610,6 +617,8 @@ class StageLM(nn.Module):
                 h = block(h, mask, caches[i] if use_cache else None)
             logits = self.head(self.norm(h[:, -1])).float()  # (B, V)
             legal = L.legal_at(torch.tensor([first + t])).to(dev)  # (1, V)
+            if t == 0 and L.eos is not None:  # at least one new token (our choice)
+                legal[:, L.eos] = False
             token = sample(logits.masked_fill(~legal, float("-inf")), temperature, top_k, top_p,
                            generator)
             token = torch.where(done, L.pad, token)
@@ -625,8 +634,9 @@ class StageLM(nn.Module):
 
 
 def stage_loss(model, layout, tokens, starts, lengths, reduction="mean"):
-    """Mean cross-entropy of the predicted part of each row: tokens (B, L) right-padded, the
-    first predicted index starts (B,) and the real length lengths (B,); at each position over
+    """Cross-entropy, averaged over every predicted token of the batch ("sum": summed): tokens
+    (B, L) right-padded, each row's first predicted index starts (B,) and real length lengths
+    (B,); at each position over
     the ids legal there (one codebook's, and the end token where it may come). model: the
     StageLM or its DDP wrapper; layout: its Layout."""
     logits = model(tokens[:, :-1])  # (B, L - 1, V): position p predicts token p + 1
@@ -1049,19 +1059,23 @@ class Trainer:
         if self.sample_item is None:  # a manifest without a validation split
             return
         semantic, codes = (t.long() for t in self.sample_item)
-        g, model, cfg = torch.Generator().manual_seed(0), self.model, self.cfg
+        model, cfg = self.model, self.cfg
+        g = torch.Generator(device=self.device).manual_seed(0)  # where the model samples
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
         model.eval()
         if self.stage == "semantic":
-            ids = sample_semantic(model, torch.zeros(0, dtype=torch.long), 1, generator=g)[0]
+            ids = sample_semantic(model, torch.zeros(0, dtype=torch.long), 1, None,
+                                  TEMPERATURES[0], generator=g)[0]
             Path(f"{stem}.txt").write_text(" ".join(str(int(v)) for v in ids) + "\n")
             return
         if self.stage == "coarse":
-            coarse = sample_coarse(model, [dedup(semantic)], None, generator=g)[0]
+            coarse = sample_coarse(model, [dedup(semantic)], None, None, TEMPERATURES[1],
+                                   generator=g)[0]
             wav = self.codec.decode(coarse[None].to(next(self.codec.parameters()).device))
         else:
-            fine = sample_fine(model, codes[:cfg.coarse_codebooks], None, generator=g)
-            wav = self.codec.decode(fine[None])
+            fine = sample_fine(model, codes[:cfg.coarse_codebooks], None, TEMPERATURES[2],
+                               generator=g)
+            wav = self.codec.decode(fine[None].to(next(self.codec.parameters()).device))
         save(Path(f"{stem}.wav"), wav[0].cpu(), self.codec.sample_rate)
 
     def state_dict(self):
@@ -1072,7 +1086,8 @@ class Trainer:
             dist.all_gather_object(rngs, rng_state())
         return {"model": NAME, "stage": self.stage, "config": dataclasses.asdict(self.cfg),
                 "train_config": dataclasses.asdict(self.run), "step": self.step_count,
-                "tokenizer": self.model.tokenizer.state(), "state_dict": self.model.state_dict(),
+                "tokenizer": self.model.tokenizer.state(), "codec": self.model.codec_path,
+                "features": self.model.features, "state_dict": self.model.state_dict(),
                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs}
 
     def load_state_dict(self, ckpt):
@@ -1083,7 +1098,45 @@ class Trainer:
         set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
 
 
-def prepare(cfg, run, split="train", rank=0, world=1):
+def split_entries(data, split):
+    """The utterances of one split of a manifest ([] if it has none of them; every utterance of
+    a manifest without splits)."""
+    rows = read_manifest(data or demo_manifest())
+    return rows if not any("split" in e for e in rows) else [e for e in rows
+                                                              if e.get("split") == split]
+
+
+def check_config(cfg, run):
+    """One-line errors for values no stage can be built or trained with."""
+    for obj, names in ((cfg, ("dim", "heads", "layers", "ffn", "semantic_vocab", "codebook_size",
+                              "num_codebooks", "semantic_rate", "frame_rate")),
+                       (run, ("batch_size", "steps", "log_every", "sample_every", "ckpt_every",
+                              "kmeans_iters", "kmeans_frames", "lr"))):
+        bad = [n for n in names if not getattr(obj, n) > 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive")
+    if cfg.dim % cfg.heads or cfg.rel_buckets < 2 or cfg.rel_distance <= cfg.rel_buckets // 2:
+        raise ValueError(f"dim {cfg.dim} must divide by heads {cfg.heads}, rel_buckets must be at "
+                         f"least 2 and rel_distance above rel_buckets / 2")
+    for name in ("semantic_seconds", "coarse_seconds"):
+        if getattr(cfg, name) * cfg.semantic_rate < 1:
+            raise ValueError(f"{name} {getattr(cfg, name)} holds no semantic token")
+    if cfg.fine_seconds * cfg.frame_rate < 1:
+        raise ValueError(f"fine_seconds {cfg.fine_seconds} holds no frame")
+    if len(run.betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {run.betas}")
+    if run.stage not in CHOICES["stage"]:
+        raise ValueError(f"stage must be one of {', '.join(CHOICES['stage'])}, got {run.stage!r}")
+
+
+def fitted_on(cfg, run):
+    """What a semantic tokenizer was fitted with: a run that asks for another gets one line."""
+    return (f"data {run.data or 'the demo corpus'}, features {run.features}, K "
+            f"{cfg.semantic_vocab}, seed {run.seed}, {run.kmeans_iters} iterations on at most "
+            f"{run.kmeans_frames} frames")
+
+
+def prepare(cfg, run, split="train", rank=0, world=1, overwrite=False):
     """The codec, the semantic tokenizer (fitted on the training split by rank 0 and kept in
     OUT/semantic_tokenizer.pt, or read from there) and the tokens of `split`, cached in OUT."""
     out = Path(run.out)
@@ -1091,13 +1144,18 @@ def prepare(cfg, run, split="train", rank=0, world=1):
     codec, kind = load_codec(run.codec)
     check_codec(codec, cfg, run.codec)
     path = out / "semantic_tokenizer.pt"
-    if rank == 0 and not path.is_file():
+    if rank == 0 and (overwrite or not path.is_file()):
         train_entries = entries if split == "train" else read_manifest(
             run.data or demo_manifest(), "train")
-        atomic_save(fit_tokenizer(cfg, run, train_entries).state(), path)
+        atomic_save({**fit_tokenizer(cfg, run, train_entries).state(),
+                     "fitted_on": fitted_on(cfg, run)}, path)
     if world > 1:
         dist.barrier()
-    tokenizer = SemanticTokenizer.from_state(torch.load(path, weights_only=True))
+    state = torch.load(path, weights_only=True)
+    if state.get("fitted_on") != fitted_on(cfg, run):
+        raise ValueError(f"{path} was fitted on {state.get('fitted_on')}; this run asks for "
+                         f"{fitted_on(cfg, run)} (another --out, or --overwrite to refit)")
+    tokenizer = SemanticTokenizer.from_state(state)
     tokenizer.check(run.features)
     if tokenizer.vocab != cfg.semantic_vocab:
         raise ValueError(f"{path} has {tokenizer.vocab} clusters; the config has semantic_vocab "
@@ -1115,6 +1173,7 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
     the demo corpus's training split (or a manifest's), with DDP under torchrun. resume: continue
     each stage's run exactly (a finished stage is left as it is). Returns {stage: (trainer,
     this process's per-step stats)}."""
+    check_config(cfg, run)
     rank, world, device = setup_distributed()
     master, out = rank == 0, Path(run.out)
     stages = STAGES if run.stage == "all" else (run.stage,)
@@ -1128,21 +1187,25 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    codec, kind, tokenizer, entries, tokens = prepare(cfg, run, "train", rank, world)
+    codec, kind, tokenizer, entries, tokens = prepare(cfg, run, "train", rank, world,
+                                                      overwrite and not resume)
     if master:
         print(f"{len(entries)} utterances, {kind} tokens {codec.num_codebooks} x "
               f"{codec.codebook_size} at {codec.frame_rate:g} Hz, {tokenizer.vocab} semantic "
               f"clusters of {tokenizer.kind()} ({time.time() - t0:.1f} s), {world} process(es)"
               + (f", {threads} thread(s){why}" if threads else ""), flush=True)
     items = [tokens[e["path"]] for e in entries]
-    valid = read_manifest(run.data or demo_manifest(), "valid")
+    valid = split_entries(run.data, "valid")
     results = {}
     try:
         for stage in stages:
-            stage_run = dataclasses.replace(run, out=str(out / stage), stage=stage)
+            stage_run = dataclasses.replace(run, out=str(out / stage))  # run.stage: as asked
             start = None
             if resume and (out / stage / "ckpt.pt").is_file():
                 start = load_checkpoint(out / stage / "ckpt.pt")
+                if not torch.equal(start["tokenizer"]["centroids"], tokenizer.centroids):
+                    raise ValueError(f"{out / stage / 'ckpt.pt'} was trained on other semantic "
+                                     f"tokens than {out / 'semantic_tokenizer.pt'}")
                 if start["step"] >= run.steps:
                     if master:
                         print(f"{stage}: finished ({start['step']} steps)", flush=True)
@@ -1311,8 +1374,9 @@ class AudioLM:
         """The prompt's semantic ids (n,) without repeats and its codes (Q, P): `wav` (C, T) cut
         to whole semantic tokens (640 samples at 16 kHz), so that P = 2 n_raw. path: the audio
         file (features from a folder are looked up by its stem)."""
-        check_prompt(wav, sample_rate, codec)
         hop = int(codec.sample_rate / self.cfg.semantic_rate)
+        check_prompt(wav[..., :wav.shape[-1] // hop * hop] if torch.is_tensor(wav) else wav,
+                     sample_rate, codec)
         wav = wav[:, :wav.shape[-1] // hop * hop]
         if self.features == "mfcc":
             self.tokenizer.check("mfcc")
@@ -1324,7 +1388,7 @@ class AudioLM:
                                  "prompt's audio path (its stem names the .npy)")
             frames = feature_frames(self.features, path)[:wav.shape[-1] // hop]
         semantic = dedup(self.tokenizer.encode(frames))
-        sent = codec.encode(wav[None])
+        sent = codec.encode(wav[None].to(next(codec.parameters()).device))
         return semantic, getattr(sent, "codes", sent)[0].long().cpu()
 
     @torch.no_grad()
@@ -1336,16 +1400,22 @@ class AudioLM:
         (n,) (without repeats; stages 2-3 only). Returns `batch` (waveform (C, T), codes (Q, T))
         pairs, the prompt's part included."""
         t_sem, t_coarse, t_fine = temperatures
-        Qc = self.cfg.coarse_codebooks
+        cfg, Qc = self.cfg, self.cfg.coarse_codebooks
         p_sem, p_codes = prompt if prompt is not None else (torch.zeros(0, dtype=torch.long),
                                                              None)
+        window = int(cfg.coarse_seconds * cfg.semantic_rate)  # DEVIATION 3: no sliding window
+        frames = max_frames or int(cfg.coarse_seconds * cfg.frame_rate)
+        if p_codes is not None and p_codes.shape[-1] >= frames:
+            raise ValueError(f"the prompt is {p_codes.shape[-1] / cfg.frame_rate:.2f} s; the "
+                             f"model generates at most {frames / cfg.frame_rate:g} s in all "
+                             f"(coarse_seconds): give a shorter prompt")
         if semantic is not None:
             sems = [semantic.long().cpu()] * batch
         else:
-            sems = sample_semantic(self.semantic, p_sem, batch, None, t_sem, top_k, top_p,
+            sems = sample_semantic(self.semantic, p_sem, batch, window, t_sem, top_k, top_p,
                                    generator)
         coarse = sample_coarse(self.coarse, sems, None if p_codes is None else p_codes[:Qc],
-                               max_frames, t_coarse, top_k, top_p, generator)
+                               frames, t_coarse, top_k, top_p, generator)
         outs = []
         for c in coarse:
             codes = sample_fine(self.fine, c, None if p_codes is None else p_codes[Qc:], t_fine,
@@ -1368,7 +1438,7 @@ def load_resampled(wav, sample_rate):
 def split_items(lm, codec, split, data=None, out=None):
     """(entries, token items) of a split, through the model's tokenizer and codec (cached in out,
     or recomputed)."""
-    entries = read_manifest(data or demo_manifest(), split)
+    entries = split_entries(data, split)
     if out:
         tokens = token_cache(lm.tokenizer, lm.features, codec, lm.codec_path, entries, out)
     else:
@@ -1499,8 +1569,9 @@ def continuation_items(data=None):
     for n, (e, k, cut) in enumerate(cuts):
         same = [c for c in cuts if c[0]["speaker"] == e["speaker"] and c[0] is not e]
         others = [c for c in cuts if c[0]["speaker"] != e["speaker"]]
-        items.append({"entry": e, "k": k, "cut": cut, "other": others[n % len(others)][0],
-                      "splice": same[0] if same else None})
+        items.append({"entry": e, "k": k, "cut": cut,
+                      "other": others[n % len(others)][0] if others else None,
+                      "splice": {"entry": same[0][0], "cut": same[0][2]} if same else None})
     return items
 
 
@@ -1515,6 +1586,9 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
     prompt). Recognisers: pocketsphinx's digit grammar and Whisper. SPK: resemblyzer cosine of
     the continuation (after the cut) to the prompt and to another voice. Returns rows."""
     from common import evaluation
+    if lm.features != "mfcc":
+        raise ValueError("the continuation test needs semantic features of the prompt alone; "
+                         "features from a folder were computed on whole files")
     rate, g = codec.sample_rate, torch.Generator().manual_seed(seed)
     names = ("truth", "resynthesis", "prompt only", "chance (splice)", "AudioLM")
     acc = {n: {"sphinx": [], "whisper": [], "spk": [], "spk_other": [], "seconds": []}
@@ -1529,7 +1603,7 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
         outputs = {"truth": [wav], "resynthesis": [codec.decode(codec.encode(wav[None]))[0]],
                    "prompt only": [prompt]}
         if it["splice"] is not None:
-            other = load(it["splice"]["path"], rate, codec.channels)[0]
+            other = load(it["splice"]["entry"]["path"], rate, codec.channels)[0]
             outputs["chance (splice)"] = [torch.cat([prompt, other[:, int(it["splice"]["cut"]
                                                                            * rate):]], 1)]
         gen = lm.generate(codec, lm.prompt_tokens(codec, prompt, rate, e["path"]), samples,
@@ -1538,7 +1612,7 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
         if out:
             for s, w in enumerate(outputs["AudioLM"]):
                 save(Path(out) / f"{Path(e['path']).stem}_{s}.wav", w, rate)
-        other_wav = load(it["other"]["path"], rate, codec.channels)[0]
+        other_wav = load(it["other"]["path"], rate, codec.channels)[0] if it["other"] else None
         for name, xs in outputs.items():
             for x in xs:
                 a = acc[name]
@@ -1550,7 +1624,9 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
                 a["seconds"].append(rest.shape[-1] / rate)
                 if rest.shape[-1] >= 0.3 * rate:  # resemblyzer needs some speech (our choice)
                     a["spk"].append(evaluation.speaker_similarity(prompt, rest, rate))
-                    a["spk_other"].append(evaluation.speaker_similarity(other_wav, rest, rate))
+                    if other_wav is not None:
+                        a["spk_other"].append(evaluation.speaker_similarity(other_wav, rest,
+                                                                            rate))
     mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
     return [{"name": n, **{m: mean(v) for m, v in acc[n].items()}, "n": len(acc[n]["sphinx"]),
              "n_spk": len(acc[n]["spk"])} for n in names]
@@ -1570,7 +1646,8 @@ def format_continuation(rows, n_prompts):
 
 
 @torch.no_grad()
-def evaluate_acoustic(lm, codec, entries, items, seed=0, temperatures=TEMPERATURES):
+def evaluate_acoustic(lm, codec, entries, items, seed=0, temperatures=TEMPERATURES, top_k=0,
+                      top_p=1.0):
     """Table II's test: speech from the ground-truth semantic tokens through stages 2-3 (no
     acoustic prompt: the voice is the model's choice), against the ground truth and the codec's
     resynthesis: Whisper WER and, on digit strings, pocketsphinx's digit WER. Utterances longer
@@ -1584,7 +1661,7 @@ def evaluate_acoustic(lm, codec, entries, items, seed=0, temperatures=TEMPERATUR
             continue
         wav = load(e["path"], rate, codec.channels)[0]
         gen = lm.generate(codec, semantic=dedup(semantic.long()), temperatures=temperatures,
-                          generator=g)[0][0]
+                          top_k=top_k, top_p=top_p, generator=g)[0][0]
         outputs = {"truth": wav, "resynthesis": codec.decode(codes[None].long())[0],
                    "AudioLM (true semantic)": gen}
         for name, x in outputs.items():
@@ -1831,7 +1908,7 @@ def configs_from_args(args):
         ckpt = load_checkpoint(found[0])
         cfg = config_from_dict(Config, ckpt["config"], found[0])
         run = config_from_dict(TrainConfig, ckpt["train_config"], found[0])
-        run = dataclasses.replace(run, out=str(out), stage=given[1].get("stage", "all"))
+        run = dataclasses.replace(run, out=str(out))  # the stage as first asked, unless given
         changed = sorted(k for d, c in zip(given, (cfg, run)) for k, v in d.items()
                          if k not in RESUME_OVERRIDES + ("out",) and v != getattr(c, k))
         if changed:
@@ -1874,12 +1951,11 @@ def main(argv=None):
         for stage, (ce, uni) in heldout_loss(lm, train_items, test_items).items():
             print(f"  {stage:<9} {ce:.3f}  unigram {uni:.3f}", flush=True)
         items = [it for it in continuation_items(args.data)
-                 if it["entry"]["split"] != "train"][:args.limit]
+                 if it["entry"].get("split") != "train"][:args.limit]
         print(format_continuation(evaluate_continuation(lm, codec, items, seed=seed, **kw),
                                   len(items)), flush=True)
         print(format_acoustic(evaluate_acoustic(lm, codec, test_e[:args.limit],
-                                                test_items[:args.limit], seed,
-                                                args.temperature)))
+                                                test_items[:args.limit], seed, **kw)))
         return
     if not args.out or not args.out.endswith(".wav"):
         raise ValueError("--sample needs --out FILE.wav")

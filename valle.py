@@ -1050,7 +1050,7 @@ class Trainer:
         ref = load(prompt_entry["path"], codec.sample_rate, codec.channels)[0]
         wav, codes, capped = synthesize(self.model, codec, target["phonemes"],
                                         prompt_codes(codec, ref, codec.sample_rate),
-                                        generator=torch.Generator().manual_seed(0))
+                                        generator=torch.Generator(self.device).manual_seed(0))
         save(Path(f"{stem}.wav"), wav.cpu(), codec.sample_rate)
 
     def state_dict(self):

@@ -347,7 +347,7 @@ def digit_segments(estimate, sample_rate):
     decoder.end_utt()
     rate = decoder.config["frate"]  # frames per second of the segment times (100)
     return [("zero" if s.word == "oh" else s.word, s.start_frame / rate, (s.end_frame + 1) / rate)
-            for s in decoder.seg() if s.word in _DIGIT_WORDS + ("oh",)]
+            for s in decoder.seg() or () if s.word in _DIGIT_WORDS + ("oh",)]  # None: nothing heard
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,10 +47,13 @@ def check_utterances():
 def test_the_card_lists_both_tokenizers_within_25_mb():
     entries = shipped()
     assert sorted(f for f, *_ in entries) == ["encodec", "soundstream"]
-    tokenizers = [p for p in (ROOT / "checkpoints").iterdir() if p.name != "valle_tiny.pt"]
+    lms = ("valle_tiny.pt", "audiolm_tiny.pt")
+    tokenizers = [p for p in (ROOT / "checkpoints").iterdir() if p.name not in lms]
     assert sum(p.stat().st_size for p in tokenizers) < 25 * 2 ** 20
-    # the tiny VALL-E (issue 15; its own card section, checked by tests/test_valle.py) on top: 10 MB at most
-    assert (ROOT / "checkpoints" / "valle_tiny.pt").stat().st_size < 10 * 2 ** 20
+    # the tiny VALL-E and AudioLM (issues 15, 16; their own card sections, checked by their test files) on top:
+    # 10 MB at most each
+    for name in lms:
+        assert (ROOT / "checkpoints" / name).stat().st_size < 10 * 2 ** 20
 
 
 @pytest.mark.parametrize("entry", shipped(), ids=lambda e: e[0])
