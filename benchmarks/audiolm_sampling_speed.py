@@ -5,7 +5,7 @@
 Each stage of the model continues a fixed prefix by a fixed number of tokens (greedy, so that both ways must give
 the same tokens): the semantic stage 50 tokens after 25, the coarse stage --frames frames (x Q' tokens) after 50
 semantic tokens and 25 frames, the fine stage one chunk (fine_seconds) after its coarse codes. End tokens are
-suppressed so that every run generates exactly that many. Prints seconds, tokens per second, the ratio and whether
+made illegal so that every run generates exactly that many. Prints seconds, tokens per second, the ratio and whether
 the tokens are identical.
 """
 
@@ -43,8 +43,7 @@ def main():
     for stage, (prefix, n, first) in jobs.items():
         model = lm.stages()[stage]
         if model.layout.eos is not None:
-            with torch.no_grad():
-                model.head.weight[model.layout.eos] = -10.0  # the end token never wins
+            model.layout.legal[:, model.layout.eos] = False  # the end token is never legal
         out, sec = {}, {}
         for cache in (True, False):
             t = time.perf_counter()

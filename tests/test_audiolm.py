@@ -552,3 +552,11 @@ def test_split_entries_without_a_split_is_empty_and_without_splits_is_everything
     (tmp_path / "nosplit.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n"
                                                     for r in rows))
     assert len(audiolm.split_entries(str(tmp_path / "nosplit.jsonl"), "valid")) == len(rows)
+
+
+def test_next_digit_rule_by_hand():
+    truth = "one two three four".split()
+    assert audiolm.next_digit_right(truth, 1, "one two nine".split())  # the prompt's "one", then the cut "two"
+    assert not audiolm.next_digit_right(truth, 1, "one nine two".split())  # "two" only later: wrong
+    assert not audiolm.next_digit_right(truth, 1, "two".split())  # the prompt's digit lost
+    assert not audiolm.next_digit_right(truth, 2, [])
