@@ -55,6 +55,14 @@ DEVIATIONS from the paper (each tagged `# DEVIATION` where it happens)
      temperatures (0.6 / 0.8 / 0.6 for the three stages) come from readers' notes of the paper.
      No sliding window: a generation is at most the coarse stage's training context
      (coarse_seconds; stage 1 is capped at as many semantic tokens).
+  4. The tiny preset (not the paper's): its transformers also add a sinusoid of each token's
+     frame (time) to its embedding, and keep the semantic tokens' repeats, so that a semantic
+     token and the acoustic tokens of its frames (and a fine token and the coarse ones of its
+     frame) share a position. With T5's buckets alone a frame's semantic token is hundreds of
+     positions back, in the last bucket: the coarse stage trained that way scored 4.702 nats on
+     held-out coarse codes after their own semantic tokens and 4.733 after another utterance's
+     (it ignored them), and the fine stage was 0.03 nats below its unigram (benchmarks/results/
+     audiolm_tiny_t5_only_eval.txt).
 
 Where the paper is silent the comment says "our choice" or names lucidrains: pre-norm blocks,
 GPT-2's init, AdamW with warm-up and linear decay, no end token as the first token.
@@ -133,6 +141,9 @@ class Config:
     semantic_seconds: float = 30.0  # training crops of 30, 10 and 3 s for the three stages (§IV);
     coarse_seconds: float = 10.0   # the coarse stage generates at most this much (DEVIATION 3)
     fine_seconds: float = 3.0      # the fine stage runs on non-overlapping 3 s chunks (§III-C)
+    dedup: bool = True             # stages 1-2 read semantic tokens without repeats (§IV)
+    time_positions: bool = False   # a sinusoid of each token's frame too (DEVIATION 4; needs no
+                                   # dedup: the semantic stage would not say how long a token is)
 
 
 @dataclass
@@ -167,10 +178,11 @@ PRESETS = {
     # CPU preset on the shipped SoundStream tokenizer (8 x 256 at 50 Hz; coarse = its first 4):
     # narrow and shallow, K = 128 clusters (HuBERT's first iteration: 100), crops of 8 (whole
     # demo utterances), 3 and 1 s; no dropout on the attention weights (on CPU those masks cost
-    # 42 % of a step and block the fused kernel: valle.py's tiny preset)
+    # 42 % of a step: valle.py's tiny preset); time positions and the repeats kept (DEVIATION 4)
     "tiny": (Config(dim=128, heads=4, layers=4, ffn=512, dropout=0.1, attn_dropout=0.0,
                     semantic_vocab=128, codebook_size=256, num_codebooks=8, coarse_codebooks=4,
-                    semantic_seconds=8.0, coarse_seconds=3.0, fine_seconds=1.0),
+                    semantic_seconds=8.0, coarse_seconds=3.0, fine_seconds=1.0, dedup=False,
+                    time_positions=True),
              TrainConfig(codec="checkpoints/soundstream_16khz_8x256.pt", kmeans_iters=30,
                          lr=1e-3, warmup_steps=200, batch_size=8, out="runs/audiolm_tiny",
                          steps=1000, log_every=100, sample_every=1000, ckpt_every=250)),
@@ -302,6 +314,11 @@ class SemanticTokenizer:
         return cls(d["feature"], d["mean"], d["std"], d["centroids"])
 
 
+def repeats_removed(cfg, tokens):
+    """The semantic tokens as stages 1-2 read them: without repeats unless cfg.dedup is off."""
+    return dedup(tokens) if cfg.dedup else tokens
+
+
 def dedup(tokens):
     """Consecutive repeats removed (stages 1-2: "removing consecutive repetitions of the semantic
     tokens", §IV after Lakhotia et al. 2021; lucidrains' unique_consecutive): (T,) -> (n,)."""
@@ -380,6 +397,18 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(h))
 
 
+# Copied from valle.py: sinusoids
+def sinusoids(length, dim, device=None):
+    """(length, dim) sine/cosine positions (Vaswani et al. 2017): sin on even, cos on odd
+    channels."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return pe
+
+
 # Copied from valle.py: check_sampling
 def check_sampling(temperature=1.0, top_k=0, top_p=1.0):
     """A one-line error for settings no sampler can use."""
@@ -440,7 +469,8 @@ class Layout:
         if not 1 <= Qc < Q:
             raise ValueError(f"coarse_codebooks must be in 1..{Q - 1} (num_codebooks {Q}), got "
                              f"{Qc}")
-        self.stage = stage
+        self.stage, self.Ks, self.K, self.Q, self.Qc = stage, Ks, K, Q, Qc
+        self.ratio = int(cfg.frame_rate / cfg.semantic_rate)  # frames per semantic token: 2
         if stage == "semantic":
             specials, ids, self.groups = ("S_BOS", "EOS", "PAD"), Ks, [(0, Ks)]
         elif stage == "coarse":  # semantic ids, then the coarse codebooks' (offset by Ks)
@@ -472,7 +502,8 @@ class Layout:
 
     def sequence(self, semantic=None, coarse=None, fine=None, end=True):
         """The stage's training sequence and the index of its first predicted token.
-        semantic (n,) ids (already without repeats), coarse (Q', T) and fine (Q - Q', T) codes.
+        semantic (n,) ids (as the stage reads them: repeats_removed), coarse (Q', T) and fine
+        (Q - Q', T) codes.
         end: the end token closes it (semantic, coarse: when the crop reaches the utterance's
         end)."""
         t = lambda *xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
@@ -487,6 +518,25 @@ class Layout:
         if end and self.eos is not None:
             body.append(t(self.eos))
         return torch.cat(body), start
+
+    def times(self, tokens):
+        """(B, S) ids -> (B, S) the frame of each token (Config.time_positions): semantic token i
+        at frame ratio * i, an acoustic token at its own frame (counted from its part's start),
+        start tokens and padding at 0, the end token at the frame after the last."""
+        t = torch.zeros_like(tokens)
+        if self.stage == "fine":
+            for lo, hi, n in ((0, self.Qc * self.K, self.Qc),
+                              (self.Qc * self.K, self.Q * self.K, self.Q - self.Qc)):
+                part = (tokens >= lo) & (tokens < hi)
+                t = torch.where(part, (part.cumsum(1) - 1) // n, t)
+            return t
+        sem = tokens < self.Ks
+        t = torch.where(sem, (sem.cumsum(1) - 1) * self.ratio, t)
+        if self.stage == "semantic":
+            return torch.where(tokens == self.eos, sem.cumsum(1) * self.ratio, t)
+        ac = (tokens >= self.Ks) & (tokens < self.Ks + self.Qc * self.K)
+        t = torch.where(ac, (ac.cumsum(1) - 1) // self.Qc, t)
+        return torch.where(tokens == self.eos, ac.cumsum(1) // self.Qc, t)
 
     def codes(self, predicted):
         """The predicted ids of the coarse or fine stage (n * period,) -> codes (period, n)."""
@@ -556,6 +606,11 @@ class StageLM(nn.Module):
         D = cfg.dim
         self.embedding = nn.Embedding(self.layout.vocab, D)
         self.rel = RelativeBias(cfg.heads, cfg.rel_buckets, cfg.rel_distance)
+        if cfg.time_positions:  # DEVIATION 4; embeddings times sqrt(D), as valle.py's (measured)
+            frames = self.layout.ratio * int(max(cfg.semantic_seconds, cfg.coarse_seconds)
+                                             * cfg.semantic_rate) + 2
+            self.register_buffer("pe", sinusoids(frames, D), persistent=False)
+            self.time_alpha = nn.Parameter(torch.ones(1))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.ffn, cfg.dropout,
                                           attn_dropout=cfg.attn_dropout)
@@ -568,10 +623,18 @@ class StageLM(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
+    def embed(self, tokens, start=0):
+        """Embeddings (B, S - start, D) of tokens[:, start:] (the earlier ones set their times)."""
+        h = self.embedding(tokens[:, start:])
+        if not self.cfg.time_positions:
+            return self.drop(h)
+        times = self.layout.times(tokens)[:, start:].clamp(max=len(self.pe) - 1)
+        return self.drop(h * math.sqrt(self.cfg.dim) + self.time_alpha * self.pe[times])
+
     def forward(self, tokens, pad=None):
         """tokens (B, S) -> logits (B, S, V); position s predicts token s + 1, causally. pad
         (B, S) bool: padding keys (left-padded rows); right padding needs none."""
-        h = self.drop(self.embedding(tokens))
+        h = self.embed(tokens)
         mask = self.rel(0, tokens.shape[1], tokens.shape[1], pad)
         for block in self.blocks:
             h = block(h, mask)
@@ -611,7 +674,7 @@ class StageLM(nn.Module):
         seq, pad = prefix, prefix == L.pad
         for t in range(max_new):
             start = seq.shape[1] - 1 if use_cache and t > 0 else 0  # only the newest token
-            h = self.drop(self.embedding(seq[:, start:]))
+            h = self.embed(seq, start)
             mask = self.rel(start, seq.shape[1] - start, seq.shape[1], pad)
             for i, block in enumerate(self.blocks):
                 h = block(h, mask, caches[i] if use_cache else None)
@@ -986,7 +1049,7 @@ class StageDataset(torch.utils.data.Dataset):
             a = pick(codes.shape[-1] - W + 1)
             return L.sequence(coarse=codes[:Qc, a:a + W], fine=codes[Qc:, a:a + W])
         s = pick(len(semantic) - W + 1)
-        z, end = dedup(semantic[s:s + W]), s + W >= len(semantic)
+        z, end = repeats_removed(self.cfg, semantic[s:s + W]), s + W >= len(semantic)
         if L.stage == "semantic":
             return L.sequence(semantic=z, end=end)
         frames = codes[:Qc, self.ratio * s:self.ratio * (s + W)]
@@ -1069,7 +1132,8 @@ class Trainer:
             Path(f"{stem}.txt").write_text(" ".join(str(int(v)) for v in ids) + "\n")
             return
         if self.stage == "coarse":
-            coarse = sample_coarse(model, [dedup(semantic)], None, None, TEMPERATURES[1],
+            coarse = sample_coarse(model, [repeats_removed(cfg, semantic)], None, None,
+                                   TEMPERATURES[1],
                                    generator=g)[0]
             wav = self.codec.decode(coarse[None].to(next(self.codec.parameters()).device))
         else:
@@ -1123,6 +1187,9 @@ def check_config(cfg, run):
             raise ValueError(f"{name} {getattr(cfg, name)} holds no semantic token")
     if cfg.fine_seconds * cfg.frame_rate < 1:
         raise ValueError(f"fine_seconds {cfg.fine_seconds} holds no frame")
+    if cfg.time_positions and cfg.dedup:
+        raise ValueError("time_positions needs dedup false: the semantic stage does not say how "
+                         "many frames a token without its repeats lasts")
     if len(run.betas) != 2:
         raise ValueError(f"betas must be two numbers, got {run.betas}")
     if run.stage not in CHOICES["stage"]:
@@ -1264,7 +1331,7 @@ def sample_semantic(model, prompt, batch=1, max_tokens=None, temperature=1.0, to
 
 def sample_coarse(model, semantics, prompt=None, max_frames=None, temperature=1.0, top_k=0,
                   top_p=1.0, generator=None):
-    """Stage 2: for each semantic sequence (n_i,) (without repeats), coarse codes (Q', T_i)
+    """Stage 2: for each semantic sequence (n_i,) (repeats_removed), coarse codes (Q', T_i)
     continuing the acoustic prompt (Q', P) (None: from nothing) up to the end token or
     max_frames in all (default: the training context, coarse_seconds). Returns a list."""
     L, cfg, dev = model.layout, model.cfg, next(model.parameters()).device
@@ -1371,7 +1438,7 @@ class AudioLM:
         return self
 
     def prompt_tokens(self, codec, wav, sample_rate, path=None):
-        """The prompt's semantic ids (n,) without repeats and its codes (Q, P): `wav` (C, T) cut
+        """The prompt's semantic ids (n,) (repeats_removed) and its codes (Q, P): `wav` (C, T) cut
         to whole semantic tokens (640 samples at 16 kHz), so that P = 2 n_raw. path: the audio
         file (features from a folder are looked up by its stem)."""
         hop = int(codec.sample_rate / self.cfg.semantic_rate)
@@ -1387,7 +1454,7 @@ class AudioLM:
                 raise ValueError("this model's semantic features come from a folder: give the "
                                  "prompt's audio path (its stem names the .npy)")
             frames = feature_frames(self.features, path)[:wav.shape[-1] // hop]
-        semantic = dedup(self.tokenizer.encode(frames))
+        semantic = repeats_removed(self.cfg, self.tokenizer.encode(frames))
         sent = codec.encode(wav[None].to(next(codec.parameters()).device))
         return semantic, getattr(sent, "codes", sent)[0].long().cpu()
 
@@ -1397,7 +1464,7 @@ class AudioLM:
         """§III-D. Unconditional (prompt None), continuation (prompt: (semantic ids, codes) from
         prompt_tokens: stage 1 continues its semantic ids, stage 2 its coarse codes after all the
         semantic ids, stage 3 its fine codes), or acoustic generation from given `semantic` ids
-        (n,) (without repeats; stages 2-3 only). Returns `batch` (waveform (C, T), codes (Q, T))
+        (n,) (repeats_removed; stages 2-3 only). Returns `batch` (waveform (C, T), codes (Q, T))
         pairs, the prompt's part included."""
         t_sem, t_coarse, t_fine = temperatures
         cfg, Qc = self.cfg, self.cfg.coarse_codebooks
@@ -1554,6 +1621,12 @@ def next_digit_right(truth, k, heard):
     return heard[:k + 1] == truth[:k + 1]
 
 
+def word_at(segments, seconds):
+    """The first recognised word (digit_segments) that ends after `seconds`: the one a cut there
+    splits, or else the one after it; None if there is none."""
+    return next((w for w, _, end in segments if end > seconds), None)
+
+
 def digits_of(text):
     """The digit words of a transcript ("oh" read as zero)."""
     from common.evaluation import normalize_transcript
@@ -1597,12 +1670,12 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
                           top_p=1.0, seed=0, out=None):
     """Next-digit accuracy and voice of continuations (§V's speech continuation, on digit
     strings): each prompt is its utterance up to the middle of digit k; a system is right when
-    the recognised digits of prompt + continuation begin with the transcript's first k + 1
-    (next_digit_right).
+    pocketsphinx's digit grammar hears digit k at the cut (word_at), and when the digits Whisper
+    hears in prompt + continuation begin with the transcript's first k + 1 (next_digit_right).
     Systems: the ground truth, its codec resynthesis, the prompt alone, chance (the prompt
-    spliced to another digit string of the voice, cut likewise) and AudioLM (`samples` per
-    prompt). Recognisers: pocketsphinx's digit grammar and Whisper. SPK: resemblyzer cosine of
-    the continuation (after the cut) to the prompt and to another voice. Returns rows."""
+    spliced to another digit string of the voice, cut likewise, through the codec as AudioLM's
+    output is) and AudioLM (`samples` per prompt). SPK: resemblyzer cosine of the continuation
+    (after the cut) to the prompt and to another voice. Returns rows."""
     from common import evaluation
     if lm.features != "mfcc":
         raise ValueError("the continuation test needs semantic features of the prompt alone; "
@@ -1622,8 +1695,8 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
                    "prompt only": [prompt]}
         if it["splice"] is not None:
             other = load(it["splice"]["entry"]["path"], rate, codec.channels)[0]
-            outputs["chance (splice)"] = [torch.cat([prompt, other[:, int(it["splice"]["cut"]
-                                                                           * rate):]], 1)]
+            splice = torch.cat([prompt, other[:, int(it["splice"]["cut"] * rate):]], 1)
+            outputs["chance (splice)"] = [codec.decode(codec.encode(splice[None]))[0]]
         gen = lm.generate(codec, lm.prompt_tokens(codec, prompt, rate, e["path"]), samples,
                           temperatures, top_k, top_p, generator=g)
         outputs["AudioLM"] = [w for w, _ in gen]
@@ -1634,10 +1707,10 @@ def evaluate_continuation(lm, codec, items, samples=3, temperatures=TEMPERATURES
         for name, xs in outputs.items():
             for x in xs:
                 a = acc[name]
-                for rec, heard in (("sphinx", [w for w, _, _ in
-                                               evaluation.digit_segments(x[0].numpy(), rate)]),
-                                   ("whisper", digits_of(evaluation.transcribe(x, rate)))):
-                    a[rec].append(float(next_digit_right(truth, k, heard)))
+                seg = evaluation.digit_segments(x[0].numpy(), rate)
+                a["sphinx"].append(float(word_at(seg, cut / rate) == truth[k]))
+                heard = digits_of(evaluation.transcribe(x, rate))
+                a["whisper"].append(float(next_digit_right(truth, k, heard)))
                 rest = x[:, cut:]
                 a["seconds"].append(rest.shape[-1] / rate)
                 if rest.shape[-1] >= 0.3 * rate:  # resemblyzer needs some speech (our choice)
@@ -1657,9 +1730,10 @@ def format_continuation(rows, n_prompts):
         lines.append(f"{r['name']:<16} {r['sphinx']:>19.1%} {r['whisper']:>9.1%} {r['spk']:>6.3f} "
                      f"{r['spk_other']:>9.3f} {r['seconds']:>7.2f} {r['n']:>4}")
     lines.append(f"{n_prompts} prompts, each a digit string cut in the middle of a digit (chance "
-                 f"for a random digit: 10%); next digit: the recognised digits begin with the "
-                 f"prompt's and the cut one;\nSPK: resemblyzer cosine of the continuation to the "
-                 f"prompt, SPK-other: to another voice; cont. s: seconds after the cut")
+                 f"for a random digit: 10%); next digit: pocketsphinx hears it at the cut, "
+                 f"Whisper's digits begin with the prompt's and it;\nSPK: resemblyzer cosine of "
+                 f"the continuation to the prompt, SPK-other: to another voice; cont. s: seconds "
+                 f"after the cut")
     return "\n".join(lines)
 
 
@@ -1678,7 +1752,8 @@ def evaluate_acoustic(lm, codec, entries, items, seed=0, temperatures=TEMPERATUR
         if codes.shape[-1] > lm.cfg.coarse_seconds * lm.cfg.frame_rate:
             continue
         wav = load(e["path"], rate, codec.channels)[0]
-        gen = lm.generate(codec, semantic=dedup(semantic.long()), temperatures=temperatures,
+        gen = lm.generate(codec, semantic=repeats_removed(lm.cfg, semantic.long()),
+                          temperatures=temperatures,
                           top_k=top_k, top_p=top_p, generator=g)[0][0]
         outputs = {"truth": wav, "resynthesis": codec.decode(codes[None].long())[0],
                    "AudioLM (true semantic)": gen}

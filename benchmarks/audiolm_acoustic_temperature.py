@@ -35,7 +35,7 @@ def main():
     for t_coarse in (0.0, 0.4, 0.8, 1.0):
         g, errors, t0 = torch.Generator().manual_seed(0), [], time.time()
         for e, (semantic, _) in pairs:
-            wav = lm.generate(codec, semantic=audiolm.dedup(semantic.long()),
+            wav = lm.generate(codec, semantic=audiolm.repeats_removed(lm.cfg, semantic.long()),
                               temperatures=(0.6, t_coarse, 0.6), generator=g)[0][0]
             errors.append(evaluation.digit_wer(e["text"], wav, codec.sample_rate))
         print(f"coarse temperature {t_coarse}: dWER {np.mean(errors):.1%} ({time.time() - t0:.0f} s)", flush=True)

@@ -20,6 +20,9 @@ CFG = audiolm.Config(dim=32, heads=4, layers=2, ffn=64, dropout=0.0, attn_dropou
                      semantic_seconds=1.0, coarse_seconds=0.4, fine_seconds=0.1)
 
 
+TIMED = dataclasses.replace(CFG, dedup=False, time_positions=True)  # the tiny preset's DEVIATION 4
+
+
 def stage_model(stage, seed=0, cfg=CFG):
     torch.manual_seed(seed)
     return audiolm.StageLM(cfg, stage).eval()
@@ -120,10 +123,11 @@ def test_dataset_crops_keep_semantic_and_acoustic_windows_aligned():
 
 
 @pytest.mark.parametrize("stage", audiolm.STAGES)
-def test_causality_by_gradient(stage):
-    m = stage_model(stage)
+@pytest.mark.parametrize("cfg", [CFG, TIMED], ids=["t5", "timed"])
+def test_causality_by_gradient(stage, cfg):
+    m = stage_model(stage, cfg=cfg)
     tokens = torch.randint(10, (1, 7))
-    h0 = m.embedding(tokens).detach().requires_grad_(True)
+    h0 = m.embed(tokens).detach().requires_grad_(True)
     mask = m.rel(0, 7, 7)
     h = h0
     for block in m.blocks:
@@ -169,8 +173,9 @@ def test_changing_a_later_token_never_changes_earlier_logits():
 
 @pytest.mark.parametrize("stage", audiolm.STAGES)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_kv_cache_is_token_identical_to_recomputation(stage, temperature):
-    m = stage_model(stage, seed=3)
+@pytest.mark.parametrize("cfg", [CFG, TIMED], ids=["t5", "timed"])
+def test_kv_cache_is_token_identical_to_recomputation(stage, temperature, cfg):
+    m = stage_model(stage, seed=3, cfg=cfg)
     L = m.layout
     prefix = {"semantic": lambda: [L.s_bos, 1, 2], "coarse": lambda: [L.s_bos, 3, 4, L.a_bos],
               "fine": lambda: [L.c_bos, 0, 6, 1, 7, L.f_bos]}[stage]()
@@ -184,8 +189,9 @@ def test_kv_cache_is_token_identical_to_recomputation(stage, temperature):
         assert all(legal[j, int(row[j])] for j in range(int(k)))
 
 
-def test_kv_cache_with_left_padded_rows_matches_each_row_alone():
-    m = stage_model("coarse", seed=4)
+@pytest.mark.parametrize("cfg", [CFG, TIMED], ids=["t5", "timed"])
+def test_kv_cache_with_left_padded_rows_matches_each_row_alone(cfg):
+    m = stage_model("coarse", seed=4, cfg=cfg)
     L = m.layout
     a, b = [L.s_bos, 1, 2, 3, L.a_bos], [L.s_bos, 5, L.a_bos]
     batch = audiolm.left_pad([torch.tensor(a), torch.tensor(b)], L.pad)
@@ -560,3 +566,70 @@ def test_next_digit_rule_by_hand():
     assert not audiolm.next_digit_right(truth, 1, "one nine two".split())  # "two" only later: wrong
     assert not audiolm.next_digit_right(truth, 1, "two".split())  # the prompt's digit lost
     assert not audiolm.next_digit_right(truth, 2, [])
+
+
+def test_token_times_by_hand():
+    """A semantic token i at frame 2 i, an acoustic token at its frame, starts and padding at 0, the end token at
+    the frame after the last (CFG: Ks 10, K 6, Q 5, Q' 2)."""
+    sem, coarse, fine = (audiolm.Layout(CFG, s) for s in audiolm.STAGES)
+    seq, _ = sem.sequence(semantic=torch.tensor([3, 3, 7]))
+    assert sem.times(seq[None])[0].tolist() == [0, 0, 2, 4, 6]  # S_BOS z z z EOS
+    seq, _ = coarse.sequence(semantic=torch.tensor([3, 7]), coarse=torch.tensor([[0, 1, 2], [3, 4, 5]]))
+    assert coarse.times(seq[None])[0].tolist() == [0, 0, 2, 0, 0, 0, 1, 1, 2, 2, 3]
+    seq, _ = fine.sequence(coarse=torch.tensor([[0, 1], [2, 3]]), fine=torch.tensor([[0, 1], [2, 3], [4, 5]]))
+    assert fine.times(seq[None])[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]
+    padded = torch.tensor([[coarse.pad, coarse.pad, coarse.s_bos, 3, coarse.a_bos, 10, 16]])
+    assert coarse.times(padded)[0].tolist() == [0, 0, 0, 0, 0, 0, 0]  # left padding counts for nothing
+
+
+def test_time_positions_move_each_token_by_the_sinusoid_of_its_frame():
+    m = stage_model("coarse", cfg=TIMED)
+    seq, _ = m.layout.sequence(semantic=torch.tensor([3, 7]), coarse=torch.tensor([[0, 1], [3, 4]]))
+    h = m.embed(seq[None])[0]
+    times = m.layout.times(seq[None])[0]
+    expect = m.embedding(seq) * math.sqrt(TIMED.dim) + m.time_alpha * audiolm.sinusoids(64, TIMED.dim)[times]
+    assert torch.allclose(h, expect, atol=1e-5)
+    assert not hasattr(stage_model("coarse"), "time_alpha")  # the paper's preset: T5's buckets alone
+    _, run = audiolm.PRESETS["tiny"]
+    with pytest.raises(ValueError, match="time_positions needs dedup false"):
+        audiolm.check_config(dataclasses.replace(TIMED, dedup=True), run)
+
+
+def test_semantic_reliance_pairs_each_utterances_codes_with_the_next_ones_semantic_tokens(monkeypatch):
+    seen = []
+    monkeypatch.setattr(audiolm, "model_ce", lambda model, seqs: seen.append(seqs) or len(seen))
+    lm = small_lm()
+    items = [(torch.tensor([1, 2]), torch.zeros(8, 4, dtype=torch.long)),
+             (torch.tensor([3, 4]), torch.ones(8, 4, dtype=torch.long))]
+    assert audiolm.semantic_reliance(lm, items) == (1, 2)
+    L = lm.coarse.layout
+    own, other = ([s.tolist() for s, _ in run] for run in seen)
+    assert own[0][1:3] == [1, 2] and other[0][1:3] == [3, 4]  # the first utterance's codes after the second's
+    assert other[0][4:8] == [L.groups[q][0] for q in range(4)]  # ... tokens and its own codes (zeros)
+    assert other[1][1:3] == [1, 2] and other[1][4] == L.groups[0][0] + 1
+
+
+def test_word_at_the_cut_by_hand():
+    seg = [("one", 0.1, 0.4), ("two", 0.4, 0.8), ("three", 0.9, 1.2)]
+    assert audiolm.word_at(seg, 0.6) == "two"  # the word the cut splits
+    assert audiolm.word_at(seg, 0.85) == "three"  # between words: the next one
+    assert audiolm.word_at(seg, 1.3) is None and audiolm.word_at([], 0.0) is None
+
+
+def test_the_shipped_checkpoint_matches_its_card():
+    import hashlib
+    import re
+    card = (ROOT / "checkpoints" / "README.md").read_text()
+    m = re.search(r"- file: `audiolm\.py`, checkpoint: `checkpoints/audiolm_tiny\.pt`\n- sha256: `([0-9a-f]{64})`\n"
+                  r"- test check, teacher-forced on the first 6 test utterances: semantic ([\d.]+), coarse ([\d.]+), "
+                  r"fine ([\d.]+) nats", card)
+    assert m, "the card's AudioLM section is missing or malformed"
+    path = ROOT / "checkpoints" / "audiolm_tiny.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == m[1]
+    lm = audiolm.AudioLM.load(path)
+    codec, _ = audiolm.load_codec(lm.codec_path)
+    first = {e["path"] for e in audiolm.split_entries(None, "test")[:6]}
+    _, items = audiolm.split_items(lm, codec, "test", keep=lambda e: e["path"] in first)
+    for stage, expect in zip(audiolm.STAGES, m.groups()[1:]):
+        ce = audiolm.model_ce(lm.stages()[stage], audiolm.eval_sequences(lm.cfg, stage, items))
+        assert ce == pytest.approx(float(expect), abs=0.01), stage
