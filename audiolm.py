@@ -1154,6 +1154,7 @@ class Trainer:
                 "features": self.model.features, "state_dict": self.model.state_dict(),
                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs}
 
+    # Copied from valle.py: Trainer.load_state_dict
     def load_state_dict(self, ckpt):
         self.model.load_state_dict(ckpt["state_dict"])
         self.opt.load_state_dict(ckpt["opt"])
