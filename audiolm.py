@@ -210,9 +210,10 @@ def mfcc_frames(wav, sample_rate=FEATURE_RATE):
     frames stacked into one per 40 ms: the paper's 25 Hz."""
     if sample_rate != FEATURE_RATE:
         raise ValueError(f"the MFCC features read {FEATURE_RATE} Hz audio, got {sample_rate} Hz")
+    # 25 ms windows (400) every 10 ms (160), 40 bands (HTK's usual MFCC front end, our choice)
     mel = mel_spectrogram(wav.float(), sample_rate, n_fft=400, hop_length=160, n_mels=40,
-                          power=2.0)  # (40, 1 + T // 160)
-    logmel = torch.log(mel + 1e-6)
+                          power=2.0)  # (40, F = 1 + T // 160)
+    logmel = torch.log(mel + 1e-6)  # the floor keeps silence finite (our choice)
     k, m = torch.arange(13.0)[:, None], torch.arange(40.0)[None]
     dct = torch.cos(math.pi / 40 * (m + 0.5) * k) * math.sqrt(2 / 40)  # DCT-II, orthonormal
     dct[0] /= math.sqrt(2)
@@ -280,7 +281,7 @@ class SemanticTokenizer:
         x = torch.cat(frames).float()
         if len(x) > max_frames:
             x = x[torch.randperm(len(x), generator=g)[:max_frames]]
-        mean, std = x.mean(0), x.std(0).clamp(min=1e-5)
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-5)  # (d,) each; the floor: constant dims
         return cls(feature, mean, std, kmeans((x - mean) / std, k, iters, g))
 
     @property
@@ -778,15 +779,19 @@ def token_cache(tokenizer, features, codec, codec_path, entries, cache_dir):
     cache = Path(cache_dir) / f"tokens-{h.hexdigest()[:16]}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
-    tokens = {}
-    for e in entries:
-        semantic = tokenizer.encode(utterance_features(features, e["path"]))
-        wav = load(e["path"], codec.sample_rate, codec.channels)[0]
-        sent = codec.encode(wav[None])
-        tokens[e["path"]] = (semantic.to(torch.int16),
-                             getattr(sent, "codes", sent)[0].to(torch.int16))  # (Q, T)
+    tokens = {e["path"]: tuple(t.to(torch.int16) for t in
+                               utterance_tokens(tokenizer, features, codec, e["path"]))
+              for e in entries}
     atomic_save(tokens, cache)
     return tokens
+
+
+@torch.no_grad()
+def utterance_tokens(tokenizer, features, codec, path):
+    """An audio file's semantic ids (T_s,) and codec codes (Q, T)."""
+    semantic = tokenizer.encode(utterance_features(features, path))
+    sent = codec.encode(load(path, codec.sample_rate, codec.channels)[0][None])
+    return semantic, getattr(sent, "codes", sent)[0]
 
 # -------------------------------------------------------------------------------------------------
 # Training infrastructure: the generic parts (marked copies of soundstream.py, tests/test_copies.py)
@@ -1342,9 +1347,10 @@ def sample_coarse(model, semantics, prompt=None, max_frames=None, temperature=1.
     if prompt.shape[-1] >= cap:
         raise ValueError(f"the acoustic prompt has {prompt.shape[-1]} frames; the cap is {cap}")
     rows = [L.sequence(semantic=z.cpu(), coarse=prompt, end=False)[0] for z in semantics]
-    P = prompt.shape[-1]
+    P = prompt.shape[-1]  # rows: (n_i + 2 + P Q',) each, left-padded to (B, S0) below
     new, n = model.generate(left_pad(rows, L.pad).to(dev), (cap - P) * Qc, P * Qc, temperature,
                             top_k, top_p, generator=generator)
+    # new (B, (cap - P) Q') -> each row's codes (Q', P + n_b / Q')
     return [torch.cat([prompt, L.codes(new[b, :n[b]].cpu())], 1) for b in range(len(rows))]
 
 
@@ -1358,17 +1364,18 @@ def sample_fine(model, coarse, prompt=None, temperature=1.0, top_k=0, top_p=1.0,
     W = int(cfg.fine_seconds * cfg.frame_rate)
     prompt = torch.zeros(Qf, 0, dtype=torch.long) if prompt is None else prompt.long().cpu()
     coarse = coarse.long().cpu()
+    # (start, coarse (Q', W_c), fine prompt (Q - Q', P_c)) per chunk; W_c = W but the last's
     chunks = [(a, coarse[:, a:a + W], prompt[:, a:a + W]) for a in range(0, T, W)]
     if not chunks:
         return torch.zeros(cfg.num_codebooks, 0, dtype=torch.long)
     rows = [L.sequence(coarse=c, fine=p)[0] for _, c, p in chunks]
-    need = [(c.shape[-1] - p.shape[-1]) * Qf for _, c, p in chunks]
+    need = [(c.shape[-1] - p.shape[-1]) * Qf for _, c, p in chunks]  # fine tokens to generate
     new = torch.zeros(len(rows), 0, dtype=torch.long)
     if max(need):  # each chunk's fine prompt is whole frames: every row starts at codebook Q'+1
         new = model.generate(left_pad(rows, L.pad).to(dev), max(need), 0, temperature, top_k,
                              top_p, generator=generator)[0].cpu()
     fine = [torch.cat([p, L.codes(new[i, :need[i]])], 1) for i, (_, _, p) in enumerate(chunks)]
-    return torch.cat([coarse, torch.cat(fine, 1)])
+    return torch.cat([coarse, torch.cat(fine, 1)])  # (Q', T) over (Q - Q', T) -> (Q, T)
 
 
 def check_prompt(wav, sample_rate, codec):
@@ -1510,19 +1517,9 @@ def split_items(lm, codec, split, data=None, out=None, keep=None):
     if out:
         tokens = token_cache(lm.tokenizer, lm.features, codec, lm.codec_path, entries, out)
     else:
-        tokens = {e["path"]: t for e, t in zip(entries, _tokens(lm, codec, entries))}
+        tokens = {e["path"]: utterance_tokens(lm.tokenizer, lm.features, codec, e["path"])
+                  for e in entries}
     return entries, [tokens[e["path"]] for e in entries]
-
-
-@torch.no_grad()
-def _tokens(lm, codec, entries):
-    out = []
-    for e in entries:
-        semantic = lm.tokenizer.encode(utterance_features(lm.features, e["path"]))
-        wav = load(e["path"], codec.sample_rate, codec.channels)[0]
-        sent = codec.encode(wav[None])
-        out.append((semantic, getattr(sent, "codes", sent)[0]))
-    return out
 
 
 def eval_sequences(cfg, stage, items):
@@ -1789,6 +1786,7 @@ def ctc_probe(train_x, train_y, test_x, test_y, n_in, n_out, steps=300, seed=0):
     torch.manual_seed(seed)
     ids = not train_x[0].is_floating_point()
     lin = nn.EmbeddingBag(n_in, n_out + 1, mode="sum") if ids else nn.Linear(n_in, n_out + 1)
+    # our choice: rates that converge within a few hundred full-batch steps on the demo corpus
     opt = torch.optim.Adam(lin.parameters(), lr=0.05 if ids else 0.01)
 
     def padded(xs):
@@ -1827,10 +1825,10 @@ def speaker_probe(train_x, train_s, test_x, test_s, n_in, steps=300, seed=0):
                                    / len(x) for x in xs])
     a, b = hist(train_x), hist(test_x)
     lin = nn.Linear(n_in, len(names))
-    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)  # full batch (our choice, as ctc_probe)
     y = torch.tensor([names.index(s) for s in train_s])
     for _ in range(steps):
-        loss = F.cross_entropy(lin(a * 10), y)
+        loss = F.cross_entropy(lin(a * 10), y)  # x10: histograms sum to 1 (our choice)
         opt.zero_grad()
         loss.backward()
         opt.step()
