@@ -1508,6 +1508,31 @@ def evaluate(model, entries, scales=(1.0, 3.0, 5.0), seed=0, top_k=250, temperat
     return rows
 
 
+@torch.no_grad()
+def heldout_ce(model, entries, batch=64):
+    """Teacher-forced cross-entropy (nats per code, per codebook) of held-out clips after their
+    own caption, after no caption (the null text) and after another clip's caption: how much the
+    model reads its text. Returns {"own" | "none" | "other": (mean, per-codebook list)}."""
+    lm, codec = model.lm.eval(), model.codec
+    wavs = torch.stack([read_clip(e["path"], lm.cfg, codec) for e in entries])
+    codes = encode_clips(codec, wavs)
+    captions = [e["caption"] for e in entries]
+    other = [captions[j] for j in derangement(len(captions))]
+    out = {}
+    for name, caps, drop in (("own", captions, False), ("none", captions, True),
+                             ("other", other, False)):
+        sums, counts = 0, 0
+        for i in range(0, len(codes), batch):
+            c = caps[i:i + batch]
+            text = lm.text_ids(c, strict=False) if lm.text is not None else c
+            d = torch.full((len(c),), drop) if drop else None
+            s, n = lm_loss(lm, text, codes[i:i + batch], d, reduction="none")
+            sums, counts = sums + s.sum(0), counts + n * len(c)
+        per_q = (sums / counts).tolist()
+        out[name] = (float(np.mean(per_q)), per_q)
+    return out
+
+
 def format_eval(rows, n):
     keys = [k for k in rows[0] if k != "set"]
     lines = [f"attribute accuracy (%) on {n} held-out captions; FD: Frechet distance to the real "
@@ -1656,6 +1681,10 @@ def main(argv=None):
         print(f"{args.ckpt}: {n:,} parameters; {len(entries)} test captions, guidance "
               f"{', '.join(f'{v:g}' for v in scales)}, top-k {args.top_k}, temperature "
               f"{args.temperature:g}", flush=True)
+        print("held-out cross-entropy (nats per code; codebooks 1..K) after the clip's own caption, "
+              "no caption, another clip's:")
+        for name, (mean, per_q) in heldout_ce(model, entries).items():
+            print(f"  {name:<6} {mean:.3f}  ({' / '.join(f'{v:.3f}' for v in per_q)})", flush=True)
         rows = evaluate(model, entries, scales, seed, args.top_k, args.temperature,
                         tuple(args.frechet.split(",")), out=args.out)
         print(format_eval(rows, len(entries)))
