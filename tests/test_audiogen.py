@@ -444,3 +444,33 @@ def test_ddp_two_processes_keep_the_model_identical(tmp_path):
     vocab = audiogen.Vocab(torch.load(out / "ckpt.pt", weights_only=True)["vocab"])
     init = audiogen.AudioGenLM(TRAIN_CFG, vocab).state_dict()
     assert not torch.equal(a["heads.0.weight"], init["heads.0.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped checkpoints against their card (checkpoints/README.md)
+
+
+def card_line(pattern):
+    import re
+    m = re.search(pattern, (ROOT / "checkpoints" / "README.md").read_text(), re.M)
+    assert m, pattern
+    return m
+
+
+def test_the_shipped_sound_tokenizer_and_model_match_their_card():
+    import hashlib
+    for name in ("encodec_sounds_16khz_4x256.pt", "audiogen_tiny.pt"):
+        m = card_line(rf"^- file: `\w+\.py`, checkpoint: `checkpoints/{name}`\n- sha256: `([0-9a-f]{{64}})`")
+        assert hashlib.sha256((ROOT / "checkpoints" / name).read_bytes()).hexdigest() == m[1], name
+        assert (ROOT / "checkpoints" / name).stat().st_size < 10 * 2 ** 20
+    model = audiogen.AudioGen.load(ROOT / "checkpoints" / "audiogen_tiny.pt")
+    entries = audiogen.captioned(None, "test")[:16]
+    m = card_line(r"^- test check, the first 16 held-out clips: CE own ([\d.]+), none ([\d.]+) nats; "
+                  r"codec resynthesis attribute accuracy \(all\) ([\d.]+) %")
+    ce = audiogen.heldout_ce(model, entries)
+    assert ce["own"][0] == pytest.approx(float(m[1]), abs=0.01) and ce["none"][0] == pytest.approx(float(m[2]),
+                                                                                                   abs=0.01)
+    real = torch.stack([audiogen.read_clip(e["path"], model.lm.cfg, model.codec) for e in entries])
+    rec = model.codec.decode(audiogen.encode_clips(model.codec, real))[:, 0, :real.shape[-1]]
+    acc = audiogen.attribute_accuracy(list(rec), 16000, [e["events"] for e in entries])
+    assert 100 * acc["all"] >= float(m[3]) - 10
