@@ -741,6 +741,7 @@ def join_captions(first, second):
 # Codec tokens (through the codec interface), cached on disk
 
 
+# Copied from audiolm.py: resolve_path
 def resolve_path(path):
     """A path as stored in a checkpoint: relative to the working directory, or else to this
     file's folder (the shipped checkpoints/...)."""
@@ -750,6 +751,7 @@ def resolve_path(path):
     return p
 
 
+# Copied from audiolm.py: load_codec
 def load_codec(path):
     """A codec file's model.pt -> (the codec in eval mode, its kind); its "model" field names the
     codec file. A checkpoint of another kind, or one that cannot be read, gets one line."""
@@ -764,7 +766,7 @@ def load_codec(path):
     if kind not in CODEC_CLASSES:
         raise ValueError(f"{path} is a {kind!r} checkpoint, not a codec's (one of "
                          f"{', '.join(CODEC_CLASSES)})")
-    module = importlib.import_module(kind)  # the codec file whose tokens the LM models
+    module = importlib.import_module(kind)  # the codec file whose tokens the LMs model
     return getattr(module, CODEC_CLASSES[kind]).load(path), kind
 
 
@@ -1356,7 +1358,8 @@ def _f0(segment, sample_rate):
     """The fundamental of a segment by autocorrelation: the smallest lag past the first zero
     crossing whose correlation is within 10 % of the best (80-4000 Hz)."""
     seg = segment - segment.mean()
-    ac = np.correlate(seg, seg, "full")[len(seg) - 1:]
+    spec = np.fft.rfft(seg, 2 * len(seg))
+    ac = np.fft.irfft(spec * spec.conj())[:len(seg)]  # the autocorrelation, by FFT
     ac = ac / max(ac[0], 1e-12)
     hi = int(sample_rate / 80)
     neg = np.nonzero(ac[:hi] < 0)[0]
@@ -1691,7 +1694,7 @@ def main(argv=None):
                         tuple(args.frechet.split(",")), out=args.out)
         print(format_eval(rows, len(entries)))
         return
-    if not args.text:
+    if args.text is None:
         raise ValueError("--sample needs --text \"a caption\"")
     if not args.out or not args.out.endswith(".wav"):
         raise ValueError("--sample needs --out FILE.wav")
