@@ -61,7 +61,7 @@ Where the paper is silent the comment says "our choice" or names audiocraft.
 Exact resume: on CPU a resumed run repeats the uninterrupted one bit for bit (tested).
 
 Commands
-  python audiogen.py --train --preset tiny                           # data/sounds, ~20 min CPU
+  python audiogen.py --train --preset tiny                           # data/sounds, 11 min CPU
   python audiogen.py --train --resume --preset tiny                  # continue where it stopped
   python audiogen.py --sample --ckpt checkpoints/audiogen_tiny.pt \
       --text "two high beeps then a noise burst" --out out.wav [--cfg 3] [--seconds 2]
@@ -142,15 +142,17 @@ class TrainConfig:
     codec: str = "runs/encodec_audiogen16k/model.pt"  # encodec.py --train --preset audiogen16k;
                                    # --sample / --eval: another file than the checkpoint's
     text_features: str = ""        # {caption: (L, text_dim)} .pt of frozen T5 features
-    text_dropout: float = 0.1      # "we randomly omit the text conditioning with p = 0.1" (§3.2)
-    mix_prob: float = 0.5          # share of mixed examples (our choice; the paper: not stated)
-    mix_snr: tuple[float, ...] = (-5.0, 5.0)  # SNR range in dB, uniform (paper: "random SNR")
-    lr: float = 5e-4               # AdamW (our choice; audiocraft musicgen: 1e-4 cosine)
-    warmup_steps: int = 4000       # linear warm-up, then cosine to 0 (audiocraft's schedule)
+    text_dropout: float = 0.1      # text omitted with p = 0.1 (§3.2; audiocraft training_dropout)
+    mix_prob: float = 0.5          # share of mixed (audiocraft's aug_p 0.5; the paper: not stated)
+    mix_snr: tuple[float, ...] = (-5.0, 5.0)  # SNR range in dB, uniform (audiocraft's mix_snr_low,
+                                   # _high; the paper: not stated)
+    lr: float = 5e-4               # AdamW 5e-4 (audiocraft's audiogen_base_16khz solver)
+    warmup_steps: int = 3000       # its warm-up 3000; then cosine to 0 (our choice; audiocraft:
+                                   # inverse_sqrt)
     betas: tuple[float, ...] = (0.9, 0.95)  # audiocraft's AdamW betas
     weight_decay: float = 0.1      # audiocraft's
     grad_clip: float = 1.0         # audiocraft's max_norm
-    batch_size: int = 256          # (our choice)
+    batch_size: int = 256          # audiocraft's 256, "matching AudioGen paper setup"
     data: str = ""                 # .jsonl manifest with "caption"; "": data/sounds
     out: str = "runs/audiogen"     # ckpt.pt, model.pt, log.txt, samples/, the token cache
     steps: int = 200_000           # "200k steps" for the large model (§4)
@@ -722,7 +724,8 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 def mix(first, second, snr_db):
     """first + g * second with g such that 10 log10(P(first) / P(g * second)) = snr_db (P: mean
     power; both (T,), the same length); the sum is scaled down if it would clip. A silent clip
-    is added as it is."""
+    is added as it is. The two start together (our choice; audiocraft shifts the second by a
+    random offset, at least half overlapping)."""
     if first.shape != second.shape:
         raise ValueError(f"mix needs clips of one length, got {tuple(first.shape)} and "
                          f"{tuple(second.shape)}")
@@ -734,7 +737,8 @@ def mix(first, second, snr_db):
 
 
 def join_captions(first, second):
-    """The mixture's caption: both captions, joined by "and" (the paper concatenates them)."""
+    """The mixture's caption: both captions, joined by "and" (the paper concatenates them;
+    audiocraft's sound_dataset joins them with a space)."""
     return f"{first} {JOIN} {second}"
 
 # -------------------------------------------------------------------------------------------------
@@ -1686,8 +1690,8 @@ def main(argv=None):
         print(f"{args.ckpt}: {n:,} parameters; {len(entries)} test captions, guidance "
               f"{', '.join(f'{v:g}' for v in scales)}, top-k {args.top_k}, temperature "
               f"{args.temperature:g}", flush=True)
-        print("held-out cross-entropy (nats per code; codebooks 1..K) after the clip's own caption, "
-              "no caption, another clip's:")
+        print("held-out cross-entropy (nats per code; codebooks 1..K) after the clip's own "
+              "caption, no caption, another clip's:")
         for name, (mean, per_q) in heldout_ce(model, entries).items():
             print(f"  {name:<6} {mean:.3f}  ({' / '.join(f'{v:.3f}' for v in per_q)})", flush=True)
         rows = evaluate(model, entries, scales, seed, args.top_k, args.temperature,

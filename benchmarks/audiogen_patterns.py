@@ -25,6 +25,7 @@ def main(paths):
     header = (f"{'pattern':<9}{'params':>11}{'steps':>7}{'CE own':>8}{'CE none':>9}{'count':>7}{'band':>7}"
               f"{'dir.':>7}{'noise':>7}{'speech':>7}{'all':>7}{'FD':>8}{'16 clips':>10}")
     lines = [header]
+    print(header)
     for path in paths:
         model = audiogen.AudioGen.load(path)
         lm = model.lm

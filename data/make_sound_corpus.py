@@ -56,7 +56,7 @@ def plural(word, count):
 
 
 def event_times(rng, count, start, stop, dur_range=(0.12, 0.3), gap=0.15):
-    """`count` non-overlapping (onset, duration) pairs inside [start, stop), at least `gap` s apart."""
+    """`count` non-overlapping (onset, duration) pairs in [start, stop), at least `gap` s apart."""
     while True:
         durs = [rng.uniform(*dur_range) for _ in range(count)]
         room = (stop - start) - sum(durs) - gap * (count - 1) - 0.1
@@ -88,7 +88,8 @@ def beep(rng, band, dur):
 
 def chirp(rng, direction, dur):
     """Exponential sweep over at least two octaves, inside 250-3200 Hz."""
-    lo, hi = np.exp(rng.uniform(np.log(250), np.log(400))), np.exp(rng.uniform(np.log(1600), np.log(3200)))
+    lo = np.exp(rng.uniform(np.log(250), np.log(400)))
+    hi = np.exp(rng.uniform(np.log(1600), np.log(3200)))
     f0, f1 = (lo, hi) if direction == "rising" else (hi, lo)
     t = np.arange(int(dur * SAMPLE_RATE)) / SAMPLE_RATE
     k = np.log(f1 / f0) / dur
