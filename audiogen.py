@@ -16,7 +16,7 @@ Paper -> code (sections of arXiv 2209.15352 v2, as we read them)
                                     features plug in through FeatureText: DEVIATION 1),
                                     AudioGenLM (the text as a prefix AND through cross-attention
                                     in every block), lm_loss
-        classifier-free guidance .. drop_text (p = 0.1 in training), guided_logprobs (the
+        classifier-free guidance .. text_dropout (p = 0.1, Trainer.step), guided_logprobs (the
                                     paper's gamma log p(.|u) + (1 - gamma) log p(.))
         multi-stream .............. Pattern("parallel"): k streams, k embeddings averaged, k
                                     heads; beside it Pattern("delay"), audiocraft's pattern
