@@ -1079,6 +1079,13 @@ class SoundDataset(torch.utils.data.Dataset):
                 "text": F.pad(ids, (0, self.cfg.max_text - len(ids)))}
 
 
+def text_dropout_mask(n, p):
+    """(n,) bool: the rows whose text is dropped, each with probability p (§3.2: one coin per
+    example; audiocraft's ClassifierFreeGuidanceDropout: one per batch), from the global RNG
+    (saved in ckpt.pt, so a resumed run drops the same rows)."""
+    return torch.rand(n) < p
+
+
 class Trainer:
     """The LM and its optimiser; step() updates it on one batch."""
 
@@ -1126,7 +1133,7 @@ class Trainer:
         codes = b["codes"].long()
         if b["mixed"].any():
             codes[b["mixed"]] = encode_clips(self.codec, b["wav"][b["mixed"]]).to(self.device)
-        drop = torch.rand(len(codes)) < self.run.text_dropout
+        drop = text_dropout_mask(len(codes), self.run.text_dropout)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
         with (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype

@@ -91,6 +91,14 @@ def test_cfg_scale_one_samples_the_conditional_model_alone():
     assert torch.equal(a, lm.pattern.revert(seq, 4))
     b = lm.generate(text, 4, cfg_scale=3.0, temperature=0, top_k=0)
     assert not torch.equal(a, b)  # guidance changes the choice somewhere (a random model)
+    seq = torch.full((2, 3, lm.pattern.steps(4)), 7)  # and gamma 3 by hand: 3 log p(.|u) - 2 log p(.)
+    nu, nm = lm.encode_text(text, drop=torch.ones(2, dtype=torch.bool))
+    for s in range(1, seq.shape[-1]):
+        mixed = audiogen.guided_logprobs(lm.decode(u, m, seq[:, :, :s])[:, :, -1],
+                                         lm.decode(nu, nm, seq[:, :, :s])[:, :, -1], 3.0)
+        ids = mixed.argmax(-1)
+        seq[:, :, s] = torch.where(lm.pattern.valid(4)[:, s], ids, torch.full_like(ids, 7))
+    assert torch.equal(b, lm.pattern.revert(seq, 4))
 
 
 def test_dropped_text_no_longer_matters_and_kept_text_does():
@@ -299,6 +307,13 @@ def test_analysers_hear_speech_and_sequences_are_checked_by_halves():
     assert swapped["noise"] == [False, False]
     acc = audiogen.attribute_accuracy([clip, clip], 16000, [events, events[::-1]])
     assert acc["noise"] == 0.5 and acc["all"] == 0.5 and math.isnan(acc["direction"])
+
+
+def test_text_is_dropped_for_the_share_asked():
+    torch.manual_seed(0)
+    share = audiogen.text_dropout_mask(20000, 0.1).float().mean().item()
+    assert share == pytest.approx(0.1, abs=0.01)
+    assert not audiogen.text_dropout_mask(100, 0.0).any()
 
 
 def test_derangement_has_no_fixed_point():
