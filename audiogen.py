@@ -345,6 +345,10 @@ class FeatureText:
                                  f"{tuple(getattr(f, 'shape', ()))}; expected (L, {dim})")
 
     def __call__(self, caption):
+        """(L, text_dim) features of a caption; of a tuple of captions (a mixture's), their
+        features one after the other (the paper concatenates the captions)."""
+        if isinstance(caption, tuple):
+            return torch.cat([self(c) for c in caption])
         if not str(caption).strip():
             raise ValueError("the text is empty; describe the sound, e.g. \"two high beeps\"")
         if caption not in self.table:
@@ -501,6 +505,7 @@ class AudioGenLM(nn.Module):
                                     for _ in range(cfg.num_codebooks)])
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: residual projections / sqrt(2 layers)
+            # (by name: the text encoder's blocks too, by the LM's depth; the shipped model's init)
             if name.endswith(("attn.out.weight", "cross.out.weight", "mlp.3.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
 
@@ -525,10 +530,11 @@ class AudioGenLM(nn.Module):
     def encode_text(self, text, drop=None):
         """The text features u (B, L, D) and their mask (B, L). text: (ids, mask) for the
         built-in encoder, a list of captions for frozen features. drop (B,) bool: those rows get
-        the null condition, one zero feature vector (audiocraft's null condition), whatever their
-        text."""
+        the null condition, whatever their text: one zero feature vector before the projection
+        (so the model sees the projection's bias; audiocraft: zeros after it, masked), as do rows
+        without a known word."""
         if self.text is not None:
-            ids, mask = text
+            ids, mask = (t.to(self.text_proj.weight.device) for t in text)
             u = self.text(ids, mask)
         else:
             if self.features is None:
@@ -539,7 +545,9 @@ class AudioGenLM(nn.Module):
             mask = torch.zeros(len(feats), L, dtype=torch.bool, device=u.device)
             for i, f in enumerate(feats):
                 u[i, :len(f)], mask[i, :len(f)] = f.to(u.device), True
-        if drop is not None and drop.any():
+        empty = ~mask.any(dim=1)  # no known word: the null text (no all-masked attention row)
+        drop = empty if drop is None else drop.to(mask.device) | empty
+        if drop.any():
             keep = ~drop[:, None]
             u = u * keep[..., None]
             mask = (mask & keep) | (drop[:, None] & (torch.arange(u.shape[1], device=u.device)
@@ -1059,24 +1067,28 @@ class SoundDataset(torch.utils.data.Dataset):
         return len(self.captions)
 
     def example(self, i, g=None):
-        """(waveform (T,), codes (K, frames) or None for a mixture, caption) of example i; g: the
-        generator of the mixing draws (None: no mixing)."""
+        """(waveform (T,), codes (K, frames) or None for a mixture, caption[, the other clip]) of
+        example i; g: the generator of the mixing draws (None: no mixing)."""
         if g is None or len(self) < 2 or torch.rand(1, generator=g).item() >= self.run.mix_prob:
             return self.wavs[i], self.codes[i], self.captions[i]
         j = int(torch.randint(len(self) - 1, (1,), generator=g))
         j += j >= i  # another clip
         lo, hi = self.run.mix_snr
         snr = lo + (hi - lo) * torch.rand(1, generator=g).item()
-        return (mix(self.wavs[i], self.wavs[j], snr), None,
-                join_captions(self.captions[i], self.captions[j]))
+        caption = join_captions(self.captions[i], self.captions[j])
+        if len(words(caption)) > self.cfg.max_text:  # a caption cut short would not say it all
+            return self.wavs[i], self.codes[i], self.captions[i]
+        return mix(self.wavs[i], self.wavs[j], snr), None, caption, j
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % 2 ** 62)
-        wav, codes, caption = self.example(i, g)
-        ids = self.vocab.encode(caption, self.cfg.max_text, strict=False)[0]
+        wav, codes, caption, *other = self.example(i, g)
+        ids = (self.vocab.encode(caption, self.cfg.max_text, strict=False)[0] if self.vocab
+               else torch.zeros(0, dtype=torch.long))
         return {"wav": wav, "codes": torch.zeros_like(self.codes[i]) if codes is None else codes,
                 "mixed": torch.tensor(codes is None),
-                "text": F.pad(ids, (0, self.cfg.max_text - len(ids)))}
+                "text": F.pad(ids, (0, self.cfg.max_text - len(ids))),
+                "pair": torch.tensor([i, other[0] if other else -1])}  # frozen features: captions
 
 
 def text_dropout_mask(n, p):
@@ -1109,7 +1121,7 @@ class Trainer:
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, ids)
         torch.manual_seed(run.seed + rank)  # dropout and text dropout differ per rank
         self.codec = codec.to(self.device)
-        self.step_count, self.sample_caption = 0, None
+        self.step_count, self.sample_caption, self.captions = 0, None, []
 
     def lr_at(self, step):
         """Linear warm-up over warmup_steps, then a cosine decay to 0 at the last step
@@ -1134,12 +1146,16 @@ class Trainer:
         if b["mixed"].any():
             codes[b["mixed"]] = encode_clips(self.codec, b["wav"][b["mixed"]]).to(self.device)
         drop = text_dropout_mask(len(codes), self.run.text_dropout)
+        if self.model.text is not None:
+            text = self.text(b["text"])
+        else:  # frozen features are looked up by caption; a mixture's are both captions'
+            text = [self.captions[i] if j < 0 else (self.captions[i], self.captions[j])
+                    for i, j in batch["pair"].tolist()]
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
         with (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype
               else contextlib.nullcontext()):
-            loss, per_q = lm_loss(self.wrapped, self.text(b["text"]), codes,
-                                  drop.to(self.device))
+            loss, per_q = lm_loss(self.wrapped, text, codes, drop.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)  # clip the true gradient, not the scaled one
@@ -1157,8 +1173,13 @@ class Trainer:
             return
         model = self.model.eval()
         g = torch.Generator(device=self.device).manual_seed(0)
-        codes = model.generate(model.text_ids([self.sample_caption]), frames_for(
-            self.cfg, self.codec), 3.0, generator=g)
+        try:
+            text = (model.text_ids([self.sample_caption]) if model.text is not None
+                    else [self.sample_caption])
+            model.encode_text(text)
+        except ValueError:  # no known word, or no features for it: no sample
+            return
+        codes = model.generate(text, frames_for(self.cfg, self.codec), 3.0, generator=g)
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
         save(Path(f"{stem}.wav"), self.codec.decode(codes)[0].cpu(), self.codec.sample_rate)
         Path(f"{stem}.txt").write_text(self.sample_caption + "\n")
@@ -1251,10 +1272,12 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
         if world > 1:
             dist.barrier()
             wavs, codes = token_cache(cfg, codec, run.codec, entries, out)
-        trainer = Trainer(cfg, run, vocab, codec, rank, world, device)
+        trainer = Trainer(cfg, run, vocab if cfg.text_encoder == "words" else None, codec, rank,
+                          world, device)
+        trainer.captions = [e["caption"] for e in entries]
         if resume and (out / "ckpt.pt").is_file():
             start = load_checkpoint(out / "ckpt.pt")
-            if start["vocab"] != vocab.symbols:
+            if start["vocab"] != (trainer.model.vocab.symbols if trainer.model.vocab else None):
                 raise ValueError(f"{out / 'ckpt.pt'} was trained on other captions (another "
                                  f"vocabulary) than {run.data or SOUNDS}")
             trainer.load_state_dict(start)
@@ -1273,9 +1296,8 @@ def train(cfg, run, resume=False, overwrite=False, interrupt_after=None):
                 print(f"finished ({trainer.step_count} steps)", flush=True)
             return trainer, []
         t1 = time.time()
-        history = fit(trainer, run, SoundDataset(cfg, run, wavs, codes,
-                                                 [e["caption"] for e in entries], vocab,
-                                                 run.seed), interrupt_after)
+        history = fit(trainer, run, SoundDataset(cfg, run, wavs, codes, trainer.captions,
+                                                 trainer.model.vocab, run.seed), interrupt_after)
         if master:
             print(f"{len(history)} steps in {time.time() - t1:.0f} s", flush=True)
         return trainer, history
@@ -1694,6 +1716,9 @@ def main(argv=None):
         if not entries:
             raise ValueError(f"{args.data or SOUNDS}: no test clips with \"events\" to check")
         scales = tuple(float(v) for v in args.scales.split(","))
+        bad = [k for k in args.frechet.split(",") if k not in ("logmel", "whisper")]
+        if bad:
+            raise ValueError(f"--frechet takes logmel and/or whisper, got {', '.join(bad)}")
         print(f"{args.ckpt}: {n:,} parameters; {len(entries)} test captions, guidance "
               f"{', '.join(f'{v:g}' for v in scales)}, top-k {args.top_k}, temperature "
               f"{args.temperature:g}", flush=True)
@@ -1714,7 +1739,9 @@ def main(argv=None):
     prompt = None
     if args.prompt:
         wav, _ = load(args.prompt, sr, 1, notice=True)
-        if args.prompt_seconds:
+        if args.prompt_seconds is not None:
+            if args.prompt_seconds <= 0:
+                raise ValueError(f"--prompt_seconds must be positive, got {args.prompt_seconds}")
             wav = wav[:, :int(args.prompt_seconds * sr)]
         prompt = wav.expand(args.samples, -1)
     wavs, codes = model.generate([args.text] * args.samples, args.seconds, args.cfg,

@@ -57,7 +57,7 @@ def test_patterns_match_a_naive_loop_and_round_trip(kind, delays):
     seq = p.build(codes, 7)
     assert torch.equal(seq, naive_build(codes, delays, 7))
     assert torch.equal(p.revert(seq, 5), codes)
-    assert torch.equal(p.valid(5), seq[0] != 7) or (codes == 7).any()
+    assert torch.equal(p.valid(5), seq[0] != 7)  # codes are < 7: the special token marks the empty cells
     assert p.steps(5) == 5 + max(delays) + 1
 
 
@@ -109,6 +109,16 @@ def test_dropped_text_no_longer_matters_and_kept_text_does():
     a, b = lm(t1, steps, drop), lm(t2, steps, drop)
     assert torch.allclose(a[0], b[0], atol=1e-6)  # row 0 dropped: the same whatever its text
     assert not torch.allclose(a[1], b[1], atol=1e-3)  # row 1 kept
+
+
+def test_a_caption_without_known_words_is_the_null_text():
+    lm = small_lm()
+    steps = lm.pattern.build(random_codes(2, 3, 4, 7), 7)
+    empty = (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool))
+    out = lm(empty, steps)
+    assert torch.isfinite(out).all()
+    dropped = lm(lm.text_ids(["two high beeps", "a"]), steps, torch.tensor([True, True]))
+    assert torch.allclose(out, dropped, atol=1e-5)
 
 
 def test_text_padding_and_later_steps_never_change_logits():
@@ -259,8 +269,12 @@ def test_dataset_mixes_the_share_asked_and_joins_captions_consistently():
                 assert words == captions[i].split() and torch.equal(item["codes"], codes[i])
                 assert torch.equal(item["wav"], wavs[i])
     assert 18 <= mixed <= 42  # about half of 60
-    ds.set_epoch(3)
-    assert torch.equal(ds[2]["wav"], ds[2]["wav"])  # drawn from (seed, epoch, index)
+    again = audiogen.SoundDataset(cfg, run, wavs, codes, captions, VOCAB, seed=0)
+    for epoch in (3, 7):  # drawn from (seed, epoch, index): another instance draws the same
+        ds.set_epoch(epoch)
+        again.set_epoch(epoch)
+        assert all(torch.equal(ds[i]["wav"], again[i]["wav"]) and torch.equal(ds[i]["text"], again[i]["text"])
+                   for i in range(6))
     none = audiogen.SoundDataset(cfg, dataclasses.replace(run, mix_prob=0.0), wavs, codes, captions, VOCAB)
     assert not any(none[i]["mixed"] for i in range(6))
 
@@ -489,3 +503,20 @@ def test_the_shipped_sound_tokenizer_and_model_match_their_card():
     rec = model.codec.decode(audiogen.encode_clips(model.codec, real))[:, 0, :real.shape[-1]]
     acc = audiogen.attribute_accuracy(list(rec), 16000, [e["events"] for e in entries])
     assert 100 * acc["all"] >= float(m[3]) - 10
+
+
+def test_training_on_frozen_text_features_with_mixtures_and_a_sample(tmp_path):
+    data = small_manifest(tmp_path)
+    rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
+    g = torch.Generator().manual_seed(0)
+    feats = {r["caption"]: torch.randn(len(r["caption"].split()), 16, generator=g) for r in rows}
+    torch.save(feats, tmp_path / "t5.pt")
+    cfg = dataclasses.replace(TRAIN_CFG, text_encoder="features")
+    run = small_run(tmp_path, tmp_path / "feat", text_features=str(tmp_path / "t5.pt"), mix_prob=1.0, steps=2,
+                    sample_every=2)
+    trainer, history = audiogen.train(cfg, run)
+    assert len(history) == 2 and all(math.isfinite(h["ce"]) for h in history)
+    assert (tmp_path / "feat" / "samples" / "step0000002.wav").is_file()
+    assert trainer.model.text is None and trainer.model.vocab is None
+    a, b = tuple(feats)[:2]
+    assert torch.equal(trainer.model.features((a, b)), torch.cat([feats[a], feats[b]]))  # a mixture's text
