@@ -507,10 +507,13 @@ def test_overfitting_one_batch_with_the_gan_terms():
     cfg = dataclasses.replace(MINI_CFG, num_quantizers=2, quantizer_dropout=False)
     trainer = ss.Trainer(cfg, run)
     x = demo_batch()
-    history = [trainer.step(x) for _ in range(40)]
-    first, last = (np.mean([h["rec"] for h in part]) for part in (history[:3], history[-3:]))
+    history = [trainer.step(x) for _ in range(60)]
+    # medians over the last 10 steps: a GAN on one batch of two has spikes (one step in the last 3
+    # at 2x the loss, on a fresh install of the CI's packages), which the median of the trend ignores
+    first = np.mean([h["rec"] for h in history[:3]])
+    last = np.median([h["rec"] for h in history[-10:]])
     assert last < 0.75 * first, (first, last)
-    assert np.mean([h["d"] for h in history[-5:]]) < 1.5  # d = 2: a discriminator that knows nothing
+    assert np.median([h["d"] for h in history[-10:]]) < 1.5  # d = 2: a discriminator that knows nothing
     assert all(h["adv"] > 0 and h["feat"] > 0 for h in history)
 
 
