@@ -188,7 +188,8 @@ def words(text):
 
 
 class Vocab:
-    """The training captions' words: id 0 pads, id 1 is the null text (dropped conditioning)."""
+    """The training captions' words: id 0 pads; id 1 (<null>) is reserved and never encoded
+    (the null condition is a zero feature vector: AudioGenLM.encode_text)."""
 
     def __init__(self, symbols):
         self.symbols = list(symbols)
@@ -308,6 +309,7 @@ class TextEncoder(nn.Module):
     def __init__(self, vocab, dim, layers, heads, dropout, max_len):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
+        # FFN 4 x width, as T5's and GPT-2's (our choice)
         self.blocks = nn.ModuleList([Block(dim, heads, 4 * dim, dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.register_buffer("pos", sinusoids(max_len, dim), persistent=False)
@@ -619,15 +621,15 @@ class AudioGenLM(nn.Module):
             text_mask = torch.cat([F.pad(text_mask, (0, L - text_mask.shape[1])),
                                    F.pad(null_mask, (0, L - null_mask.shape[1]))])
         K, S, N = self.cfg.num_codebooks, self.pattern.steps(frames), self.special
-        seq = torch.full((B, K, S), N, dtype=torch.long, device=u.device)
+        seq = torch.full((B, K, S), N, dtype=torch.long, device=u.device)  # (B, K, S) steps
         valid = self.pattern.valid(frames, u.device)  # (K, S)
-        known = torch.zeros(B, K, S, dtype=torch.bool, device=u.device)
+        known = torch.zeros(B, K, S, dtype=torch.bool, device=u.device)  # prompt cells (B, K, S)
         if prompt is not None:
             P = prompt.shape[-1]
             if P > frames:
                 raise ValueError(f"the prompt has {P} frames; generate at least as many "
                                  f"({frames} asked)")
-            given = self.pattern.build(F.pad(prompt, (0, frames - P)), N).to(u.device)
+            given = self.pattern.build(F.pad(prompt, (0, frames - P)), N).to(u.device)  # (B,K,S)
             known = self.pattern.valid(P, u.device)[None].expand(B, K, -1)
             known = F.pad(known, (0, S - known.shape[-1]))
             seq = torch.where(known, given, seq)
@@ -642,7 +644,7 @@ class AudioGenLM(nn.Module):
                 logits = self.decode(u, text_mask, full)[:, :, -1]
             if cfg_scale != 1:
                 logits = guided_logprobs(logits[:B], logits[B:], cfg_scale)
-            ids = sample(logits.reshape(B * K, N), temperature, top_k, top_p,
+            ids = sample(logits.reshape(B * K, N), temperature, top_k, top_p,  # (B, K)
                          generator).view(B, K)
             ids = torch.where(valid[:, s], ids, torch.full_like(ids, N))
             seq[:, :, s] = torch.where(known[:, :, s], seq[:, :, s], ids)
